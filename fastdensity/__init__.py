@@ -1,0 +1,11 @@
+"""fastdensity: fused Triton kernels for explicit-density generative models in PyTorch.
+
+Layers (``fastdensity.nn``), flows (:class:`Flow`), functional ops (``fastdensity.ops``) and the
+backend switch (:func:`set_backend`). See README.md for the tour.
+"""
+from . import backend, ops
+from .backend import get_backend, set_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["backend", "ops", "get_backend", "set_backend", "__version__"]

@@ -1,0 +1,321 @@
+"""Fused affine coupling: ``y = x * s + shift`` and the per-sample log-det in one pass.
+
+The math (``h`` = scale_raw, ``c`` = clamp; reference: ``fastdensity/reference/coupling.py``)::
+
+    forward   y = x * s(h) + t              logdet[b] =  sum_n log s(h[b, n])
+    inverse   x = (y - t) / s(h)            logdet[b] = -sum_n log s(h[b, n])
+
+    scale       s(h)                   log s(h)            g(h) = d log s / dh
+    exp         exp(h)                 h                   1
+    softclamp   exp(c tanh(h/c))       c tanh(h/c)         1 - tanh(h/c)^2
+    sigmoid     sigmoid(h+2) + 1e-3    log s               sigmoid(h+2) (1 - sigmoid(h+2)) / s
+    additive    1                      0                   -
+
+Gradients, with upstream ``gy`` (for y) and ``gl`` (for logdet, one per row)::
+
+    forward   gx = gy * s     gt = gy          gh = (gy * (y - t) + gl) * g     with y - t = x * s
+    inverse   gy = gx / s     gt = -gx / s     gh = -(gx * x + gl) * g          with x = (y - t) / s
+
+so backward needs only the inputs it already had (x, h and, for the inverse, t): nothing is saved that
+the caller does not hold anyway, and s, g are recomputed in registers.
+
+Shapes: every tensor is [B, ...] with the same shape; ``t``/``h`` may be strided views such as
+``h[:, 0::2]`` or ``h.chunk(2, 1)`` and are read in place. The launcher collapses the non-batch dims
+of all tensors together into a strided [B, R, S] view; layouts that do not collapse that far are
+copied (and said so in ``_as_3d``).
+
+Minimum traffic, N = elements of x, e = bytes per element (the floor the benchmark reports against):
+
+    forward             read x, t, h; write y                       4 N e   (+ B log-dets)
+    backward (forward)  read gy, x, h; write gx, gh  (gt is gy)     5 N e
+    forward + backward                                              9 N e
+    (inverse backward also writes gt = -gx/s and reads t: 7 N e)
+    flops: ~10 per element forward, ~15 backward, plus 1-2 transcendentals: memory-bound everywhere.
+
+Parallelism: a 2-D grid of [BLOCK_B rows x BLOCK_N columns] tiles. Long rows ([256, 6144]) split over
+several column blocks; short rows ([65536, 64]) pack many to a program. Each program writes the row
+sums of its tile to a [B, n_col_blocks] buffer in fp32 (fp64 for fp64 data); the launcher sums that
+buffer's columns (a no-op when there is one column block). No atomics, so results are deterministic.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import INTERPRETED, acc_dtype, collapse_inner_dims, empty, empty_like, row_tile, tl_dtype, warps_for
+
+__all__ = ["INTERPRETED", "SCALE_CODES", "coupling_forward", "coupling_backward", "affine_coupling_op"]
+
+# Scale functions as compile-time codes: each variant compiles its own kernel, no runtime branch.
+SCALE_CODES = {"exp": 0, "softclamp": 1, "sigmoid": 2, "additive": 3}
+_EXP = tl.constexpr(0)
+_SOFTCLAMP = tl.constexpr(1)
+_SIGMOID = tl.constexpr(2)
+_ADDITIVE = tl.constexpr(3)
+
+
+@triton.jit
+def _sigmoid(z):
+    # 1 / (1 + exp(-z)) saturates cleanly: exp(-z) -> inf gives 0, -> 0 gives 1. No libdevice, so the
+    # same code runs in Triton's interpreter.
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _scale_terms(h, clamp, SCALE: tl.constexpr):
+    """``(s, log s, d log s / dh)`` for one tile of scale_raw, in the compute dtype of ``h``."""
+    if SCALE == _EXP:
+        log_s = h
+        s = tl.exp(h)
+        dlog = tl.full(h.shape, 1.0, h.dtype)
+    elif SCALE == _SOFTCLAMP:
+        # tanh(u) = 2 sigmoid(2u) - 1: libdevice's tanh is not available to the interpreter.
+        th = 2.0 * _sigmoid(2.0 * h / clamp) - 1.0
+        log_s = clamp * th
+        s = tl.exp(log_s)
+        dlog = 1.0 - th * th
+    else:  # _SIGMOID
+        sig = _sigmoid(h + 2.0)
+        s = sig + 1e-3
+        log_s = tl.log(s)
+        dlog = sig * (1.0 - sig) / s
+    return s, log_s, dlog
+
+
+@triton.jit
+def _tile_offsets(pid_b, pid_n, B, R, S, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_RS: tl.constexpr):
+    """Row indices, (r, s) column coordinates and the validity mask of this program's tile (int64)."""
+    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    if SPLIT_RS:
+        r = cols // S
+        s = cols % S
+    else:
+        # The inner dims collapsed to one: skip the integer division.
+        r = cols * 0
+        s = cols
+    mask = (rows < B)[:, None] & (cols < R * S)[None, :]
+    return rows, r, s, mask
+
+
+@triton.jit
+def _coupling_fwd_kernel(
+    in_ptr, t_ptr, h_ptr, out_ptr, ld_ptr,
+    B, R, S,
+    s_in_b, s_in_r, s_in_s,
+    s_t_b, s_t_r, s_t_s,
+    s_h_b, s_h_r, s_h_s,
+    s_out_b, s_out_r, s_out_s,
+    n_col_blocks, clamp,
+    SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, SPLIT_RS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows, r, s, mask = _tile_offsets(pid_b, pid_n, B, R, S, BLOCK_B, BLOCK_N, SPLIT_RS)
+
+    x = tl.load(in_ptr + rows[:, None] * s_in_b + (r * s_in_r + s * s_in_s)[None, :], mask=mask)
+    t = tl.load(t_ptr + rows[:, None] * s_t_b + (r * s_t_r + s * s_t_s)[None, :], mask=mask)
+    x = x.to(ACC)
+    t = t.to(ACC)
+    if SCALE == _ADDITIVE:
+        if INVERSE:
+            y = x - t
+        else:
+            y = x + t
+    else:
+        h = tl.load(h_ptr + rows[:, None] * s_h_b + (r * s_h_r + s * s_h_s)[None, :], mask=mask).to(ACC)
+        sc, log_s, _ = _scale_terms(h, clamp, SCALE)
+        if INVERSE:
+            y = (x - t) / sc
+        else:
+            y = x * sc + t
+        # Masked lanes loaded 0 -> log s(0) != 0, so zero them before the row sum.
+        part = tl.sum(tl.where(mask, log_s, 0.0), axis=1)
+        if INVERSE:
+            part = -part
+        tl.store(ld_ptr + rows * n_col_blocks + pid_n, part, mask=rows < B)
+    out_offs = rows[:, None] * s_out_b + (r * s_out_r + s * s_out_s)[None, :]
+    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _coupling_bwd_kernel(
+    gout_ptr, gld_ptr, in_ptr, t_ptr, h_ptr, gin_ptr, gh_ptr, gt_ptr,
+    B, R, S,
+    s_go_b, s_go_r, s_go_s, s_gld_b,
+    s_in_b, s_in_r, s_in_s,
+    s_t_b, s_t_r, s_t_s,
+    s_h_b, s_h_r, s_h_s,
+    clamp,
+    SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, SPLIT_RS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Gradients for the input, scale_raw and (inverse only) shift. Outputs are contiguous [B, N]."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows, r, s, mask = _tile_offsets(pid_b, pid_n, B, R, S, BLOCK_B, BLOCK_N, SPLIT_RS)
+    n_cols = R * S
+    flat = rows[:, None] * n_cols + (r * S + s)[None, :]
+
+    gout = tl.load(gout_ptr + rows[:, None] * s_go_b + (r * s_go_r + s * s_go_s)[None, :], mask=mask).to(ACC)
+    gld = tl.load(gld_ptr + rows * s_gld_b, mask=rows < B).to(ACC)[:, None]
+    xin = tl.load(in_ptr + rows[:, None] * s_in_b + (r * s_in_r + s * s_in_s)[None, :], mask=mask).to(ACC)
+    h = tl.load(h_ptr + rows[:, None] * s_h_b + (r * s_h_r + s * s_h_s)[None, :], mask=mask).to(ACC)
+    sc, _, dlog = _scale_terms(h, clamp, SCALE)
+    if INVERSE:
+        t = tl.load(t_ptr + rows[:, None] * s_t_b + (r * s_t_r + s * s_t_s)[None, :], mask=mask).to(ACC)
+        x = (xin - t) / sc  # the inverse's output, recomputed rather than saved
+        gin = gout / sc
+        gh = -(gout * x + gld) * dlog
+        tl.store(gt_ptr + flat, (-gin).to(gt_ptr.dtype.element_ty), mask=mask)
+    else:
+        gin = gout * sc
+        gh = (gout * xin * sc + gld) * dlog
+    tl.store(gin_ptr + flat, gin.to(gin_ptr.dtype.element_ty), mask=mask)
+    tl.store(gh_ptr + flat, gh.to(gh_ptr.dtype.element_ty), mask=mask)
+
+
+def _as_3d(shape, tensors):
+    """Collapse ``tensors`` (all of ``shape``) to a shared strided [B, R, S] view.
+
+    Returns ``(tensors, (R, S), strides)``; a tensor whose layout prevents the collapse is replaced
+    by a contiguous copy (a permuted 4-D view, say) - correct, but one extra read and write of it.
+    """
+    tensors = list(tensors)
+    while True:
+        found = collapse_inner_dims(shape, [t.stride() for t in tensors])
+        if found is not None:
+            (R, S), inner = found
+            strides = [(t.stride(0) if len(shape) > 0 else 0, *st) for t, st in zip(tensors, inner)]
+            return tensors, (R, S), strides
+        # Copy the least regular tensor first; contiguous ones always collapse together.
+        idx = next(i for i, t in enumerate(tensors) if not t.is_contiguous())
+        tensors[idx] = tensors[idx].contiguous()
+
+
+def _launch_config(B: int, N: int):
+    block_b, block_n = row_tile(B, N)
+    grid = (triton.cdiv(B, block_b), triton.cdiv(max(N, 1), block_n))
+    return block_b, block_n, grid, warps_for(block_b * block_n)
+
+
+def coupling_forward(x, shift, scale_raw, scale: str, inverse: bool, clamp: float):
+    """Launch the forward (or inverse) kernel. Inputs are validated by ``fastdensity.ops``.
+
+    Returns ``(y, logdet)``: y with x's shape, dtype and (dense) memory format; logdet [B] in fp32
+    (fp64 for fp64 inputs).
+    """
+    B = x.shape[0]
+    N = x[0].numel() if B > 0 else 0
+    out = empty_like(x)
+    acc = acc_dtype(x.dtype)
+    additive = scale == "additive"
+    h = x if additive else scale_raw  # additive never reads h; any valid pointer will do
+    (xin, t, h, out_v), (R, S), (sx, st, sh, so) = _as_3d(x.shape, (x, shift, h, out))
+    block_b, block_n, grid, warps = _launch_config(B, N)
+    partial = empty((B, grid[1]), dtype=acc, device=x.device)
+    if B > 0 and N > 0:
+        _coupling_fwd_kernel[grid](
+            xin, t, h, out_v, partial,
+            B, R, S, *sx, *st, *sh, *so,
+            grid[1], float(clamp),
+            SCALE=SCALE_CODES[scale], INVERSE=inverse, ACC=tl_dtype(acc), SPLIT_RS=R > 1,
+            BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps,
+        )
+    if out_v is not out:  # the output itself needed a contiguous stand-in
+        out.copy_(out_v)
+    if additive or N == 0:
+        return out, torch.zeros(B, dtype=acc, device=x.device)
+    logdet = partial[:, 0] if grid[1] == 1 else partial.sum(dim=1)
+    return out, logdet
+
+
+def coupling_backward(grad_out, grad_logdet, inp, shift, scale_raw, scale: str, inverse: bool, clamp: float):
+    """Launch the backward kernel for a non-additive scale.
+
+    Returns ``(grad_in, grad_scale_raw, grad_shift)``; ``grad_shift`` is None in the forward
+    direction, where it equals ``grad_out`` and the caller passes that through without a copy.
+    """
+    B = inp.shape[0]
+    N = inp[0].numel() if B > 0 else 0
+    acc = acc_dtype(inp.dtype)
+    grad_in = empty(inp.shape, dtype=inp.dtype, device=inp.device)
+    grad_h = empty(scale_raw.shape, dtype=scale_raw.dtype, device=inp.device)
+    grad_t = empty(shift.shape, dtype=shift.dtype, device=inp.device) if inverse else None
+    (go, xin, t, h), (R, S), (sgo, sx, st, sh) = _as_3d(inp.shape, (grad_out, inp, shift, scale_raw))
+    block_b, block_n, grid, warps = _launch_config(B, N)
+    if B > 0 and N > 0:
+        _coupling_bwd_kernel[grid](
+            go, grad_logdet, xin, t, h, grad_in, grad_h, grad_t if inverse else grad_in,
+            B, R, S, *sgo, grad_logdet.stride(0), *sx, *st, *sh,
+            float(clamp),
+            SCALE=SCALE_CODES[scale], INVERSE=inverse, ACC=tl_dtype(acc), SPLIT_RS=R > 1,
+            BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps,
+        )
+    return grad_in, grad_h, grad_t
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration. custom_op + register_fake + register_autograd is the autograd.Function of
+# this op: torch.compile(fullgraph=True) sees two opaque ops (forward, backward) with known output
+# shapes, so a flow using the coupling compiles without a graph break, on torch 2.11 and 2.13 alike.
+# (triton_op + wrap_triton would let Inductor look inside the kernel, but its fake-tensor tracing
+# reaches the kernel's data pointers under the CPU interpreter, so the CPU tiers could not test it.)
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastdensity::affine_coupling", mutates_args=())
+def affine_coupling_op(
+    x: torch.Tensor, shift: torch.Tensor, scale_raw: Optional[torch.Tensor], scale: str, inverse: bool, clamp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return coupling_forward(x, shift, scale_raw, scale, inverse, clamp)
+
+
+@affine_coupling_op.register_fake
+def _(x, shift, scale_raw, scale, inverse, clamp):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("fastdensity::affine_coupling_backward", mutates_args=())
+def affine_coupling_backward_op(
+    grad_out: torch.Tensor, grad_logdet: torch.Tensor, inp: torch.Tensor, shift: torch.Tensor,
+    scale_raw: torch.Tensor, scale: str, inverse: bool, clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_in, grad_h, grad_t = coupling_backward(grad_out, grad_logdet, inp, shift, scale_raw, scale, inverse, clamp)
+    # A custom op cannot return None: an empty tensor stands for "grad_shift is grad_out".
+    return grad_in, grad_h, grad_t if grad_t is not None else inp.new_empty(0)
+
+
+@affine_coupling_backward_op.register_fake
+def _(grad_out, grad_logdet, inp, shift, scale_raw, scale, inverse, clamp):
+    grad_t = torch.empty(shift.shape, dtype=shift.dtype, device=inp.device) if inverse else inp.new_empty(0)
+    return (torch.empty(inp.shape, dtype=inp.dtype, device=inp.device),
+            torch.empty(scale_raw.shape, dtype=scale_raw.dtype, device=inp.device), grad_t)
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, scale_raw, scale, inverse, clamp = inputs
+    # The inputs are all backward needs (s and its derivative are recomputed): no new memory is held.
+    ctx.save_for_backward(x, shift if inverse else None, scale_raw)
+    ctx.scale, ctx.inverse, ctx.clamp = scale, inverse, clamp
+
+
+def _backward(ctx, grad_y, grad_logdet):
+    x, shift, scale_raw = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    if ctx.scale == "additive":
+        # y = x +/- t: the gradients are grad_y itself, no kernel needed.
+        return grad_y, (-grad_y if ctx.inverse else grad_y), None, None, None, None
+    if grad_logdet is None:
+        grad_logdet = x.new_zeros(x.shape[0], dtype=acc_dtype(x.dtype))
+    grad_in, grad_h, grad_t = affine_coupling_backward_op(
+        grad_y, grad_logdet, x, shift if ctx.inverse else x, scale_raw, ctx.scale, ctx.inverse, ctx.clamp)
+    return grad_in, (grad_t if ctx.inverse else grad_y), grad_h, None, None, None
+
+
+affine_coupling_op.register_autograd(_backward, setup_context=_setup_context)

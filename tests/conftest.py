@@ -1,0 +1,26 @@
+"""Test configuration shared by every tier.
+
+On a machine without CUDA the kernels can only run in Triton's interpreter, which must be chosen
+before fastdensity (and with it the kernels) is imported - hence the environment variable is set
+here, at collection time, before any test module imports fastdensity.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastdensity  # noqa: E402,F401
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison():
+    """Fresh seed per test; kernel outputs start as NaN so unwritten elements fail (DESIGN §6)."""
+    torch.manual_seed(0)
+    from fastdensity.testing import poisoned_outputs
+
+    with poisoned_outputs(True):
+        yield
