@@ -1,8 +1,9 @@
 """Packaging for fastdensity.
 
 The Triton kernels live in the top-level ``kernels/`` folder of the source tree and are installed as
-``fastdensity.kernels`` (``package_dir`` below), so nothing called plain ``kernels`` reaches anyone's
-site-packages. Both ``pip install .`` and ``pip install -e .`` work on a machine without a GPU.
+``fastdensity.kernels``, and the benchmark harness in ``benchmarks/`` as ``fastdensity.benchmarks``
+(``package_dir`` below), so nothing called plain ``kernels`` reaches anyone's site-packages and
+``fastdensity bench`` works from an installed copy. Both ``pip install .`` and ``pip install -e .`` work on a machine without a GPU.
 """
 from pathlib import Path
 
@@ -35,8 +36,8 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastdensity", "fastdensity.*"]) + ["fastdensity.kernels"],
-    package_dir={"fastdensity.kernels": "kernels"},
+    packages=find_packages(include=["fastdensity", "fastdensity.*"]) + ["fastdensity.kernels", "fastdensity.benchmarks"],
+    package_dir={"fastdensity.kernels": "kernels", "fastdensity.benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.11",
         "numpy>=1.24",

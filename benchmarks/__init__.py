@@ -1,0 +1,1 @@
+"""Benchmark harness of fastdensity (installed as ``fastdensity.benchmarks``)."""

@@ -1,0 +1,6 @@
+"""``python -m fastdensity``: the same as the ``fastdensity`` console script."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

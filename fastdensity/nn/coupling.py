@@ -1,0 +1,129 @@
+"""Coupling layers (RealNVP, Glow, NICE) on the fused ``fastdensity.ops.affine_coupling`` op.
+
+A binary ``mask`` over features ([B, D] inputs) or channels ([B, C, H, W] inputs) splits x: entries
+with mask <= 0 pass through unchanged (the identity part) and condition a network whose output sets
+the shift and scale of the entries with mask > 0 (the transformed part)::
+
+    h                 = net(x[identity])             # [B, 2 * n_transform, ...]   (+ context)
+    shift, scale_raw  = h[:, :n], h[:, n:]            # nflows' order: shift first
+    y[transform]      = x[transform] * scale(scale_raw) + shift
+    logabsdet         = sum log scale(scale_raw)
+
+The shift/scale halves are passed to the op as views of ``h``: no copies.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..reference.coupling import DEFAULT_CLAMP, SCALES
+from .base import Transform
+
+__all__ = ["AffineCoupling", "AdditiveCoupling"]
+
+
+def _as_index_or_slice(index: torch.Tensor):
+    """A slice when ``index`` is a contiguous ascending range (a view instead of a gather)."""
+    if index.numel() > 0 and torch.equal(index, torch.arange(int(index[0]), int(index[0]) + index.numel())):
+        return slice(int(index[0]), int(index[0]) + index.numel())
+    return None
+
+
+class _Coupling(Transform):
+    """Shared mask bookkeeping: splitting the input and merging the two parts back."""
+
+    params_per_feature = 2
+
+    def __init__(self, mask, transform_net_create_fn: Callable[[int, int], nn.Module]):
+        super().__init__()
+        mask = torch.as_tensor(mask)
+        if mask.dim() != 1:
+            raise ValueError(f"mask must be 1-D over features or channels; got shape {tuple(mask.shape)}")
+        self.features = mask.numel()
+        identity = torch.nonzero(mask <= 0).flatten()
+        transform = torch.nonzero(mask > 0).flatten()
+        if transform.numel() == 0 or identity.numel() == 0:
+            raise ValueError("mask must mark at least one feature to transform (> 0) and one to keep (<= 0)")
+        self.register_buffer("identity_features", identity, persistent=False)
+        self.register_buffer("transform_features", transform, persistent=False)
+        self._id_slice = _as_index_or_slice(identity)
+        self._tr_slice = _as_index_or_slice(transform)
+        self.num_identity_features = identity.numel()
+        self.num_transform_features = transform.numel()
+        self.transform_net = transform_net_create_fn(
+            self.num_identity_features, self.num_transform_features * self.params_per_feature)
+
+    def _split(self, x: torch.Tensor):
+        if x.dim() not in (2, 4) or x.shape[1] != self.features:
+            raise ValueError(f"inputs must be [B, {self.features}] or [B, {self.features}, H, W]; "
+                             f"got shape {tuple(x.shape)}")
+        x_id = x[:, self._id_slice] if self._id_slice else x.index_select(1, self.identity_features)
+        x_tr = x[:, self._tr_slice] if self._tr_slice else x.index_select(1, self.transform_features)
+        return x_id, x_tr
+
+    def _merge(self, x_id: torch.Tensor, y_tr: torch.Tensor) -> torch.Tensor:
+        if self._id_slice and self._tr_slice:
+            first, second = (x_id, y_tr) if self._id_slice.start == 0 else (y_tr, x_id)
+            return torch.cat([first, second], dim=1)
+        out = torch.empty((x_id.shape[0], self.features, *x_id.shape[2:]), dtype=y_tr.dtype, device=y_tr.device)
+        out = out.index_copy(1, self.identity_features, x_id)
+        return out.index_copy(1, self.transform_features, y_tr)
+
+    def _params(self, x_id, context):
+        h = self.transform_net(x_id) if context is None else self.transform_net(x_id, context)
+        n = self.num_transform_features * self.params_per_feature
+        if h.shape[1] != n or h.shape[0] != x_id.shape[0]:
+            raise ValueError(f"transform net must return [B, {n}, ...] (shift and scale for each of "
+                             f"{self.num_transform_features} features); got shape {tuple(h.shape)}")
+        return h
+
+    def _run(self, x, context, inverse: bool):
+        x_id, x_tr = self._split(x)
+        h = self._params(x_id, context)
+        y_tr, logabsdet = self._couple(x_tr, h, inverse)
+        return self._merge(x_id, y_tr), logabsdet
+
+    def forward(self, inputs, context=None):
+        return self._run(inputs, context, inverse=False)
+
+    def inverse(self, inputs, context=None):
+        return self._run(inputs, context, inverse=True)
+
+
+class AffineCoupling(_Coupling):
+    """Affine coupling ``y = x * s + shift`` on the masked features, as nflows' AffineCouplingTransform.
+
+    Args:
+        mask: [features] (or [channels] for images); > 0 marks the features to transform.
+        transform_net_create_fn: ``f(in_features, out_features) -> nn.Module`` mapping the identity part
+            [B, n_id, ...] (and ``context`` as a second argument, when given) to [B, 2 * n_tr, ...].
+        scale: "sigmoid" (default; s = sigmoid(u + 2) + 1e-3), "exp" or "softclamp".
+        clamp: bound on |log s| for "softclamp".
+    """
+
+    def __init__(self, mask, transform_net_create_fn, scale: str = "sigmoid", clamp: float = DEFAULT_CLAMP):
+        if scale not in SCALES[:3]:
+            raise ValueError(f"scale must be one of {', '.join(map(repr, SCALES[:3]))} "
+                             f"(use AdditiveCoupling for 'additive'); got {scale!r}")
+        super().__init__(mask, transform_net_create_fn)
+        self.scale = scale
+        self.clamp = clamp
+
+    def _couple(self, x_tr, h, inverse):
+        n = self.num_transform_features
+        return ops.affine_coupling(x_tr, h[:, :n], h[:, n:], scale=self.scale, inverse=inverse, clamp=self.clamp)
+
+
+class AdditiveCoupling(_Coupling):
+    """Additive (NICE) coupling ``y = x + shift``: volume preserving, log-det 0.
+
+    ``transform_net_create_fn(in_features, out_features)`` returns a net producing [B, n_tr, ...].
+    """
+
+    params_per_feature = 1
+
+    def _couple(self, x_tr, h, inverse):
+        return ops.affine_coupling(x_tr, h, None, scale="additive", inverse=inverse)
