@@ -15,7 +15,8 @@ from .reference import coupling as _ref_coupling
 
 backend.load_kernels("coupling")
 
-__all__ = ["affine_coupling"]
+__all__ = ["affine_coupling", "masked_linear", "masked_conv2d", "dmol_log_prob", "logsumexp",
+           "gaussian_mixture_log_prob", "logistic_mixture_log_prob"]
 
 
 def affine_coupling(
@@ -55,3 +56,291 @@ def affine_coupling(
     if backend.use_kernels(x, "coupling"):
         return torch.ops.fastdensity.affine_coupling(x, shift, scale_raw, scale, bool(inverse), float(clamp))
     return _ref_coupling.affine_coupling(x, shift, scale_raw, scale=scale, inverse=inverse, clamp=clamp)
+
+
+backend.load_kernels("masked_linear")
+from .reference import masked_linear as _ref_masked_linear  # noqa: E402
+
+
+def masked_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Masked linear layer ``x @ (weight * mask)^T + bias`` that skips the all-zero tiles of the mask.
+
+    MADE's masks with sorted degrees are block-triangular, so about half of the matmul is skipped
+    (forward and backward); partially masked tiles apply the mask elementwise.
+
+    Args:
+        x: [..., in] (any leading dims).
+        weight: [out, in], same dtype and device as x.
+        mask: [out, in], bool or 0/1 numeric, on weight's device. A connectivity pattern: any non-zero
+            entry keeps its weight, and masked-out weights are never read (NaN there is harmless).
+            The kernels cache a tile summary per mask tensor, refreshed when the mask is changed in
+            place through PyTorch (its version counter); never write it through ``.data``.
+        bias: [out] or None.
+
+    Returns:
+        [..., out] in x's dtype. Gradients flow to x, weight (exactly zero where the mask is zero) and
+        bias; the mask gets none.
+    """
+    check_tensor("x", x, min_dim=1)
+    check_tensor("weight", weight, dims=2)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor; got {type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise ValueError(f"mask must be bool or a real 0/1 tensor; got {mask.dtype}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask must have weight's shape [out, in] = {tuple(weight.shape)}; got {tuple(mask.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"mask must be on the same device as weight, {weight.device}; got {mask.device}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have in_features = weight.shape[1] = {weight.shape[1]} in its last dim; "
+                         f"got shape {tuple(x.shape)}")
+    tensors = {"x": x, "weight": weight}
+    if bias is not None:
+        check_tensor("bias", bias, dims=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [out] = ({weight.shape[0]},); got {tuple(bias.shape)}")
+        tensors["bias"] = bias
+    check_same(tensors, shape=False)
+    if backend.use_kernels(x, "masked_linear"):
+        return torch.ops.fastdensity.masked_linear(x, weight, mask, bias)
+    return _ref_masked_linear.masked_linear(x, weight, mask, bias)
+
+
+backend.load_kernels("masked_conv")
+from .reference import masked_conv as _ref_masked_conv  # noqa: E402
+
+
+def masked_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    mask_type: str = "B",
+    color_groups: int = 1,
+    stride=1,
+    padding="same",
+    dilation=1,
+) -> torch.Tensor:
+    """PixelCNN masked convolution ``conv2d(x, weight * mask) + bias`` that never touches the dead taps.
+
+    The mask (``fastdensity.reference.masked_conv.pixelcnn_mask``): taps in rows below the centre and
+    right of the centre in its row are dead; at the centre the channels split into ``color_groups``
+    contiguous groups and output group g sees input groups < g (type "A") or <= g (type "B"). The
+    weight stays dense; dead weights are never read (a NaN there is harmless) and get exactly zero
+    gradient.
+
+    On CUDA under the ``auto`` backend the fastest of three implementations runs - the Triton kernel
+    over the live taps, cuDNN on the masked weight, or a split into two dense convolutions - measured
+    once per problem and cached (``fastdensity.dispatch``; ``FASTDENSITY_AUTOTUNE=0`` keeps the
+    kernel). A forced ``triton`` backend always runs the kernel; CPU tensors under ``auto`` run the
+    reference. fp32 products use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` says PyTorch's
+    own convolutions do.
+
+    Args:
+        x: [N, C_in, H, W], NCHW, channels_last or any strided layout.
+        weight: [C_out, C_in, KH, KW] with KH, KW odd; same dtype and device as x.
+        bias: [C_out] or None.
+        mask_type: "A" (the first layer: the centre excludes the output's own group) or "B".
+        color_groups: channel groups at the centre tap (3 for RGB); must divide C_in and C_out.
+        stride, dilation: int or (h, w), >= 1.
+        padding: "same" (centre padding dilation * (k // 2), for any stride), "valid" (none), int or (h, w).
+
+    Returns:
+        [N, C_out, H_out, W_out] in x's dtype and memory format.
+    """
+    check_tensor("x", x, dims=4)
+    check_tensor("weight", weight, dims=4)
+    tensors = {"x": x, "weight": weight}
+    if bias is not None:
+        check_tensor("bias", bias, dims=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [C_out] = ({weight.shape[0]},); got {tuple(bias.shape)}")
+        tensors["bias"] = bias
+    check_same(tensors, shape=False)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x must have C_in = weight.shape[1] = {weight.shape[1]} channels; got shape "
+                         f"{tuple(x.shape)}")
+    kernel_size = _ref_masked_conv.check_mask_args(tuple(weight.shape[2:]), mask_type, color_groups,
+                                                   weight.shape[1], weight.shape[0])
+    stride = _ref_masked_conv.pair("stride", stride, minimum=1)
+    dilation = _ref_masked_conv.pair("dilation", dilation, minimum=1)
+    padding = _ref_masked_conv.resolve_padding(padding, kernel_size, dilation)
+    out_hw = _ref_masked_conv.output_size(tuple(x.shape[2:]), kernel_size, stride, padding, dilation)
+    if min(out_hw) < 1:
+        raise ValueError(f"x of spatial size {tuple(x.shape[2:])} is too small for kernel {kernel_size} with "
+                         f"padding {padding} and dilation {dilation}: the output would be {out_hw}")
+    if backend.use_kernels(x, "masked_conv"):
+        # "auto" lets the op pick its fastest implementation; a forced "triton" means the kernel itself.
+        impl = "auto" if backend.get_backend() == "auto" else "triton"
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
+        return torch.ops.fastdensity.masked_conv2d(x, weight, bias, mask_type, color_groups, list(stride),
+                                                   list(padding), list(dilation), impl, training)
+    return _ref_masked_conv.masked_conv2d(x, weight, bias, mask_type=mask_type, color_groups=color_groups,
+                                          stride=stride, padding=padding, dilation=dilation)
+
+
+backend.load_kernels("dmol")
+from .reference import dmol as _ref_dmol  # noqa: E402
+
+
+def dmol_log_prob(
+    x: torch.Tensor,
+    params: torch.Tensor,
+    *,
+    num_bits: int = _ref_dmol.DEFAULT_NUM_BITS,
+    reduction: str = "sum",
+    validate_args: bool = True,
+) -> torch.Tensor:
+    """log p(x) under PixelCNN++'s discretized mixture of logistics, fused (one pass each way).
+
+    Exactly PixelCNN++'s ``discretized_mix_logistic_loss`` with the sign flipped (a log-likelihood; the
+    loss is its negative): K logits shared by the colours; per colour K means, K log-scales (clamped
+    at -7) and K tanh coefficients; G's mean shifted by c_0 x_R and B's by c_1 x_R + c_2 x_G using the
+    data values; bins of half-width 1 / (2^bits - 1); the lowest and highest values' bins open-ended;
+    bin masses below 1e-5 replaced by the density at the bin centre times the bin width. Details and
+    constants: ``fastdensity.reference.dmol``.
+
+    Args:
+        x: [B, C, H, W] with C = 3 (RGB) or 1, values on [-1, 1] (pixel value v as 2 v / (2^bits - 1) - 1);
+            float32, float64 or ``params``' dtype, on ``params``' device. Any layout.
+        params: [B, 10K, H, W] for C = 3 (K logits, then for R, G and B in turn: K means, K log-scales,
+            K coefficients) or [B, 3K, H, W] for C = 1 (K logits, K means, K log-scales); any float
+            dtype and layout (a network's NCHW or channels-last output is read in place).
+        num_bits: bit depth of the data, 1 to 16.
+        reduction: ``"sum"`` -> [B] (summed over H and W) or ``"none"`` -> [B, H, W].
+        validate_args: check that x lies in [-1, 1]. This reads x's minimum and maximum back to the
+            host (one device synchronisation per call); pass False in a GPU training loop. Skipped
+            inside ``torch.compile``, which cannot raise on data.
+
+    Returns:
+        The log-likelihood in nats, float32 (float64 for float64 params). Gradients reach params (every
+        channel) and x (the derivative of the smooth piece x lies in; x is usually data and needs none).
+    """
+    check_choice("reduction", reduction, _ref_dmol.REDUCTIONS)
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 1 <= num_bits <= 16:
+        raise ValueError(f"num_bits must be an integer from 1 to 16; got {num_bits!r}")
+    check_tensor("x", x, dims=4)
+    check_tensor("params", params, dims=4)
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"x must be [B, C, H, W] with C = 3 (RGB) or 1; got shape {tuple(x.shape)}")
+    _ref_dmol.mixture_count(params.shape[1], x.shape[1])  # raises, stating the expected channel count
+    if params.shape[0] != x.shape[0] or params.shape[2:] != x.shape[2:]:
+        raise ValueError(f"params must be [B, P, H, W] with x's B, H, W = {x.shape[0]}, {x.shape[2]}, {x.shape[3]}; "
+                         f"got shape {tuple(params.shape)}")
+    if x.dtype not in (torch.float32, torch.float64, params.dtype):
+        raise ValueError(f"x must be float32, float64 or params' dtype ({params.dtype}); got {x.dtype}")
+    if x.device != params.device:
+        raise ValueError(f"x must be on the same device as params, {params.device}; got {x.device}")
+    if validate_args and x.numel() > 0 and not torch.compiler.is_compiling():
+        low, high = (float(v) for v in torch.aminmax(x.detach()))
+        if not (-1.0 <= low and high <= 1.0):
+            raise ValueError(f"x must lie in [-1, 1] (pixel value v scaled as 2 v / (2^bits - 1) - 1); "
+                             f"got values from {low} to {high}")
+    if backend.use_kernels(params, "dmol"):
+        out, _, _ = torch.ops.fastdensity.dmol_log_prob(x, params, int(num_bits), reduction == "sum")
+        return out
+    return _ref_dmol.dmol_log_prob(x, params, num_bits=num_bits, reduction=reduction)
+
+
+backend.load_kernels("logsumexp")
+from .reference import logsumexp as _ref_logsumexp  # noqa: E402
+
+
+def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+    """``log(sum(exp(x), dim))`` without overflow: a drop-in for ``torch.logsumexp`` over one dim.
+
+    Args:
+        x: any shape, any strides (a reduction over a middle dim reads in place).
+        dim: the dim to reduce (negative counts from the end).
+        keepdim: keep the reduced dim with size 1.
+
+    Returns:
+        ``x``'s shape without ``dim`` (size 1 there with ``keepdim``), in ``x``'s dtype; computed in
+        float32 for half inputs. As torch: a row of -inf (or an empty row) gives -inf, a +inf entry
+        +inf, a NaN NaN; the gradient is ``g * softmax(x)`` along ``dim``.
+    """
+    check_tensor("x", x)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int; got {type(dim).__name__}")
+    ndim = max(x.dim(), 1)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for x of shape {tuple(x.shape)}; got {dim}")
+    if x.dim() == 0:  # as torch: a scalar is its own log-sum-exp
+        return logsumexp(x.reshape(1), 0, False).reshape(())
+    dim = dim % x.dim()
+    if backend.use_kernels(x, "logsumexp"):
+        return torch.ops.fastdensity.logsumexp(x, dim, bool(keepdim)).to(x.dtype)
+    return _ref_logsumexp.logsumexp(x, dim, bool(keepdim))
+
+
+backend.load_kernels("mixture")
+from .reference import mixture as _ref_mixture  # noqa: E402
+
+
+def _check_mixture_args(x, logits, means, log_scales) -> None:
+    """Shapes x [..., D], logits [..., K], means/log_scales [..., K, D] with broadcastable batch dims."""
+    check_tensor("x", x, min_dim=1)
+    check_tensor("logits", logits, min_dim=1)
+    check_tensor("means", means, min_dim=2)
+    check_tensor("log_scales", log_scales, min_dim=2)
+    check_same({"x": x, "logits": logits, "means": means, "log_scales": log_scales}, shape=False)
+    K, D = logits.shape[-1], x.shape[-1]
+    if K == 0 or D == 0:
+        raise ValueError(f"a mixture needs K >= 1 components and D >= 1 features; got K={K} (logits "
+                         f"{tuple(logits.shape)}) and D={D} (x {tuple(x.shape)})")
+    for name, t in (("means", means), ("log_scales", log_scales)):
+        if tuple(t.shape[-2:]) != (K, D):
+            raise ValueError(
+                f"{name} must have shape [..., K, D] = [..., {K}, {D}] (K from logits {tuple(logits.shape)}, "
+                f"D from x {tuple(x.shape)}); got {tuple(t.shape)}")
+    try:
+        torch.broadcast_shapes(x.shape[:-1], logits.shape[:-1], means.shape[:-2], log_scales.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the batch dims do not broadcast: x {tuple(x.shape[:-1])}, logits {tuple(logits.shape[:-1])}, "
+            f"means {tuple(means.shape[:-2])}, log_scales {tuple(log_scales.shape[:-2])}") from None
+
+
+def _mixture_log_prob(x, logits, means, log_scales, kind: str) -> torch.Tensor:
+    _check_mixture_args(x, logits, means, log_scales)
+    if backend.use_kernels(x, "mixture"):
+        return torch.ops.fastdensity.mixture_log_prob(x, logits, means, log_scales, kind)
+    return _ref_mixture.mixture_log_prob(x, logits, means, log_scales, kind)
+
+
+def gaussian_mixture_log_prob(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor,
+                              log_scales: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of a diagonal Gaussian mixture, fused (no [B, K, D] intermediates).
+
+    ``log p(x) = logsumexp_k(log softmax(logits)_k + sum_d log N(x_d; means_kd, exp(log_scales_kd)^2))``,
+    the same as ``MixtureSameFamily(Categorical(logits=logits), Independent(Normal(means,
+    log_scales.exp()), 1)).log_prob(x)``.
+
+    Args:
+        x: [..., D] samples.
+        logits: [..., K] unnormalised log mixture weights.
+        means, log_scales: [..., K, D] component means and log standard deviations.
+        The batch dims ``...`` broadcast: parameters may be shared ([K], [K, D]), per sample
+        ([B, K], [B, K, D], as in a mixture density network) or broadcast over leading dims.
+
+    Returns:
+        [broadcast batch shape] log-likelihoods, float32 for half inputs (float64 for float64).
+        Differentiable in all four inputs.
+    """
+    return _mixture_log_prob(x, logits, means, log_scales, "gaussian")
+
+
+def logistic_mixture_log_prob(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor,
+                              log_scales: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of a mixture of continuous logistic components; layout as
+    :func:`gaussian_mixture_log_prob`.
+
+    Per feature, the component with location mu and scale s = exp(l) has density
+    ``exp(-u) / (s (1 + exp(-u))^2)`` with ``u = (x - mu) / s``.
+    """
+    return _mixture_log_prob(x, logits, means, log_scales, "logistic")

@@ -32,6 +32,10 @@ Minimum traffic, N = elements of x, e = bytes per element (the floor the benchma
     (inverse backward also writes gt = -gx/s and reads t: 7 N e)
     flops: ~10 per element forward, ~15 backward, plus 1-2 transcendentals: memory-bound everywhere.
 
+Precision: loads in the storage dtype, math in fp32 (fp64 for fp64 data), log-det accumulated in the
+same. ``clamp`` reaches the kernel as an fp32 scalar (Triton's type for a Python float), so under fp64
+a clamp that fp32 cannot represent exactly (2.0, the default, can) is rounded to fp32.
+
 Parallelism: a 2-D grid of [BLOCK_B rows x BLOCK_N columns] tiles. Long rows ([256, 6144]) split over
 several column blocks; short rows ([65536, 64]) pack many to a program. Each program writes the row
 sums of its tile to a [B, n_col_blocks] buffer in fp32 (fp64 for fp64 data); the launcher sums that
@@ -79,7 +83,9 @@ def _scale_terms(h, clamp, SCALE: tl.constexpr):
         dlog = 1.0 - th * th
     else:  # _SIGMOID
         sig = _sigmoid(h + 2.0)
-        s = sig + 1e-3
+        # Compiled Triton rounds a float literal to fp32 before it meets an fp64 tensor (1e-3 would be
+        # off by 5e-11); building the constant in h's dtype keeps fp64 exact.
+        s = sig + tl.full(h.shape, 1e-3, h.dtype)
         log_s = tl.log(s)
         dlog = sig * (1.0 - sig) / s
     return s, log_s, dlog

@@ -15,6 +15,10 @@ import pytest  # noqa: E402
 
 import fastdensity  # noqa: E402,F401
 
+# Tests run tiny ops, often two pytest workers on two cores: intra-op threads only add contention
+# (tiny CPU convolutions were measured ~1000x slower with 2 threads per worker on a busy machine).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_poison():

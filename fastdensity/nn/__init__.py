@@ -5,7 +5,12 @@ and back in ``inverse(z, context=None) -> (x, logabsdet)``, as in nflows.
 
 from .base import CompositeTransform, InverseTransform, Transform
 from .coupling import AdditiveCoupling, AffineCoupling
+from .dmol import DiscretizedLogisticMixture
 from .invconv import InvConv1x1
+from .made import MADE
+from .masked_conv import MaskedConv2d
+from .masked_linear import MaskedLinear
+from .mixtures import GaussianMixture
 from .normalization import ActNorm
 from .permutations import Permutation, RandomPermutation, ReversePermutation
 from .reshape import Squeeze

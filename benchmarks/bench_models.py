@@ -1,0 +1,174 @@
+"""Training steps of whole models: fastdensity's RealNVP, Glow, MAF and PixelCNN, and the peers' flows.
+
+A step is ``loss = -log_prob(x).mean()`` and its gradients with respect to every parameter (the
+optimizer update, the same for every library, is left out). ``forward`` is the loss alone,
+``backward`` its gradients from a recorded graph, ``forward+backward`` the step. No GB/s: a model has
+no single minimum-traffic figure.
+
+Models come from ``fastdensity.models.build_model(name, shape, **config)``; one model per case is
+shared by the fastdensity (kernels), eager (reference) and compiled providers, so they time the same
+weights. Sizes:
+
+* GPU: RealNVP and Glow on 3x32x32 images (batch 64, the models' default widths), PixelCNN on 3x32x32
+  (batch 32), RealNVP and MAF on 64-dimensional vectors (batch 4096);
+* CPU: RealNVP and MAF on vectors, beside zuko's and nflows' flows **of the same size** - the issue-6
+  comparison: D features, L coupling (or MADE) layers, conditioners with two hidden layers of H
+  units, a standard-normal base, batch B. Peers are built from their public classes:
+
+  =========  ==========================================================================================
+  RealNVP    zuko ``flows.RealNVP(D, transforms=L, hidden_features=(H, H))``; nflows ``Flow`` of L
+             ``AffineCouplingTransform`` with alternating masks and an MLP D/2 -> H -> H -> D
+  MAF        zuko ``flows.MAF(D, transforms=L, hidden_features=(H, H))``; nflows ``Flow`` of L
+             ``MaskedAffineAutoregressiveTransform(D, H, num_blocks=1, use_residual_blocks=False)``
+             (two hidden layers) with ``ReversePermutation`` between them
+  =========  ==========================================================================================
+
+  Ours: ``RealNVP([D], num_layers=L, hidden=H, num_hidden=2, scale="sigmoid")`` and ``MAF([D],
+  num_layers=L, hidden=H, num_hidden=2, scale="sigmoid")`` (nflows' scale function), each with one
+  ActNorm in front (their definition), so slightly more work than the peers; zuko uses its own
+  soft-clipped exp scale, of the same cost order.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .harness import Case, Runner, Settings, op_providers, peer, randn
+
+OP = "models"
+
+
+def _model_unavailable(name: str) -> str | None:
+    try:
+        from fastdensity.models import MODELS
+    except ImportError:
+        return "fastdensity.models is not in this build"
+    return None if name in MODELS else f"fastdensity.models has no {name!r} model in this build"
+
+
+def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return -model.log_prob(x).mean()
+
+
+def _data(settings: Settings, shape, batch: int, discrete_levels: int | None):
+    if discrete_levels:
+        return torch.randint(0, discrete_levels, (batch, *shape), device=settings.device)
+    return randn((batch, *shape), settings, torch.float32, grad=False)
+
+
+def _model_case(settings: Settings, name: str, shape, batch: int, config: dict, peers=(), label: str = "") -> Case:
+    state: dict = {}
+    levels = config.get("levels")  # discrete models (PixelCNN) take integer levels
+
+    def setup():
+        if "model" not in state:
+            from fastdensity.models import build_model
+
+            m = build_model(name, shape, **config).to(settings.device)
+            m.initialize(_data(settings, shape, batch, levels))  # data-dependent init (ActNorm), once
+            state["model"] = m
+
+    def step(x):
+        return _loss(state["model"], x)
+
+    # fastdensity runs every kernel the model uses; "coupling" only names the availability check.
+    # Compiling a whole flow takes minutes on a CPU: not in quick runs, and only with 90 s in hand.
+    providers = op_providers(step, settings.device, "coupling", setup=setup, compile_reserve_s=90.0,
+                             wrt=lambda inputs: list(state["model"].parameters()))
+    if settings.quick:
+        providers = [p for p in providers if not p.compiles]
+    providers += list(peers)
+    dims = "x".join(map(str, shape))
+    return Case(
+        op=f"train_step_{name}",
+        shape=f"{dims} B={batch}" + (f" {label}" if label else ""),
+        dtype=torch.float32,
+        make_inputs=lambda: (_data(settings, shape, batch, levels),),
+        providers=providers,
+        unavailable=_model_unavailable(name),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Peers of the same size (vectors)
+# --------------------------------------------------------------------------------------------------
+
+
+class _MLP(nn.Module):
+    def __init__(self, n_in, n_out, hidden):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, n_out))
+
+    def forward(self, x, context=None):
+        return self.net(x)
+
+
+def _peer_runner(settings: Settings, flow: nn.Module, log_prob) -> Runner:
+    flow = flow.to(settings.device)
+    params = list(flow.parameters())
+    return Runner(lambda x: -log_prob(flow, x).mean(), wrt=lambda inputs: params)
+
+
+def _zuko(settings, kind: str, d: int, layers: int, hidden: int):
+    def build():
+        import zuko
+
+        cls = zuko.flows.RealNVP if kind == "realnvp" else zuko.flows.MAF
+        return _peer_runner(settings, cls(d, transforms=layers, hidden_features=(hidden, hidden)),
+                            lambda flow, x: flow().log_prob(x))
+
+    return peer("zuko", "zuko", build)
+
+
+def _nflows(settings, kind: str, d: int, layers: int, hidden: int):
+    def build():
+        from nflows.distributions.normal import StandardNormal
+        from nflows.flows.base import Flow
+        from nflows.transforms import CompositeTransform
+        from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
+        from nflows.transforms.coupling import AffineCouplingTransform
+        from nflows.transforms.permutations import ReversePermutation
+
+        transforms = []
+        for k in range(layers):
+            if kind == "realnvp":
+                mask = (torch.arange(d) + k) % 2 * 2 - 1
+                transforms.append(AffineCouplingTransform(mask, lambda i, o: _MLP(i, o, hidden)))
+            else:
+                # num_blocks=1: a first masked layer and one more, two hidden layers as in the others.
+                transforms.append(MaskedAffineAutoregressiveTransform(d, hidden, num_blocks=1,
+                                                                      use_residual_blocks=False))
+                if k < layers - 1:
+                    transforms.append(ReversePermutation(d))
+        flow = Flow(CompositeTransform(transforms), StandardNormal([d]))
+        return _peer_runner(settings, flow, lambda f, x: f.log_prob(x))
+
+    return peer("nflows", "nflows", build)
+
+
+def _vector_cases(settings: Settings, d: int, layers: int, hidden: int, batch: int) -> list[Case]:
+    size = f"L={layers} H={hidden}"
+    return [
+        _model_case(settings, "realnvp", (d,), batch, {"num_layers": layers, "hidden": hidden, "num_hidden": 2,
+                                                       "scale": "sigmoid"},
+                    [_zuko(settings, "realnvp", d, layers, hidden), _nflows(settings, "realnvp", d, layers, hidden)],
+                    size),
+        _model_case(settings, "maf", (d,), batch, {"num_layers": layers, "hidden": hidden, "num_hidden": 2,
+                                                   "scale": "sigmoid"},
+                    [_zuko(settings, "maf", d, layers, hidden), _nflows(settings, "maf", d, layers, hidden)],
+                    size),
+    ]
+
+
+def cases(settings: Settings) -> list[Case]:
+    if settings.cuda:
+        out = _vector_cases(settings, 64, 8, 512, 4096)
+        if not settings.quick:
+            out += [_model_case(settings, "realnvp", (3, 32, 32), 64, {}),
+                    _model_case(settings, "glow", (3, 32, 32), 64, {}),
+                    _model_case(settings, "pixelcnn", (3, 32, 32), 32, {"levels": 256})]
+        return out
+    if settings.quick:
+        return _vector_cases(settings, 8, 4, 64, 256)
+    return _vector_cases(settings, 16, 6, 128, 512) + [_model_case(settings, "glow", (3, 8, 8), 16, {})]

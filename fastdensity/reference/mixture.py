@@ -1,0 +1,80 @@
+"""Reference mixture log-likelihoods: the ground truth the Triton kernels are judged against.
+
+Written for clarity, never optimised (it builds the [..., K, D] tensor that the kernels avoid).
+A mixture of K components with diagonal, location-scale components over D features::
+
+    log p(x) = logsumexp_k ( log pi_k + sum_d c(x_d; mu_kd, l_kd) )
+    log pi   = logits - logsumexp(logits)                  (pi = softmax(logits), as torch.distributions)
+
+with ``s = exp(l)`` (``l`` = log_scales) and ``u = (x - mu) / s``, per dimension::
+
+    gaussian   c = -u^2 / 2 - l - log(2 pi) / 2
+    logistic   c = -u - l - 2 softplus(-u)                 (density exp(-u) / (s (1 + exp(-u))^2))
+
+Shapes: x [..., D]; logits [..., K]; means, log_scales [..., K, D]. The batch dims ``...`` of the
+four arguments broadcast against each other (so parameters may be shared, [K] and [K, D], or given
+per sample, [B, K] and [B, K, D], or anything in between); the result has the broadcast batch shape.
+
+Dtypes: half-precision inputs are computed in float32 and the result is float32 (a sum over D and a
+log-sum-exp over K in bf16 would keep two or three significant digits); float64 stays float64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("gaussian", "logistic")
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def log_prob_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Compute and output dtype of the log-likelihood: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def component_log_prob(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, kind: str) -> torch.Tensor:
+    """Log-density of every component at x, summed over the D features: [..., K].
+
+    x [..., D]; means, log_scales [..., K, D] (batch dims broadcast).
+    """
+    u = (x.unsqueeze(-2) - means) * torch.exp(-log_scales)
+    if kind == "gaussian":
+        per_dim = -0.5 * u * u - log_scales - HALF_LOG_2PI
+    elif kind == "logistic":
+        per_dim = -u - log_scales - 2.0 * F.softplus(-u)
+    else:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
+    return per_dim.sum(dim=-1)
+
+
+def mixture_log_prob(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor,
+                     kind: str, *, upcast: bool = False) -> torch.Tensor:
+    """``log p(x)`` of a diagonal mixture of ``kind`` components; see the module docstring.
+
+    Args:
+        x: [..., D] data.
+        logits: [..., K] unnormalised mixture weights (normalised here with a log-softmax).
+        means, log_scales: [..., K, D] component locations and log-scales.
+        kind: ``"gaussian"`` or ``"logistic"``.
+        upcast: compute in float64 (for tolerance studies); the result keeps :func:`log_prob_dtype`.
+
+    Returns:
+        [broadcast batch shape] log-likelihood per sample, in :func:`log_prob_dtype` of x.
+    """
+    out_dtype = log_prob_dtype(x.dtype)
+    compute = torch.float64 if upcast else out_dtype
+    x, logits, means, log_scales = (t.to(compute) for t in (x, logits, means, log_scales))
+    log_pi = torch.log_softmax(logits, dim=-1)
+    return torch.logsumexp(log_pi + component_log_prob(x, means, log_scales, kind), dim=-1).to(out_dtype)
+
+
+def gaussian_mixture_log_prob(x, logits, means, log_scales, *, upcast: bool = False) -> torch.Tensor:
+    """Diagonal Gaussian mixture: components N(mu_kd, exp(l_kd)^2) per feature."""
+    return mixture_log_prob(x, logits, means, log_scales, "gaussian", upcast=upcast)
+
+
+def logistic_mixture_log_prob(x, logits, means, log_scales, *, upcast: bool = False) -> torch.Tensor:
+    """Mixture of continuous logistic components with location mu_kd and scale exp(l_kd) per feature."""
+    return mixture_log_prob(x, logits, means, log_scales, "logistic", upcast=upcast)

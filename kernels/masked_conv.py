@@ -1,0 +1,841 @@
+"""Masked autoregressive convolution (PixelCNN) as an implicit GEMM over the live taps only.
+
+The op (reference and mask definition: ``fastdensity/reference/masked_conv.py``)::
+
+    out[n, co, oy, ox] = bias[co] + sum over live taps (ky, kx) and allowed ci of
+                         w[co, ci, ky, kx] * x[n, ci, oy*sh - ph + ky*dh, ox*sw - pw + kx*dw]
+
+    x [N, C_in, H, W]   weight [C_out, C_in, KH, KW]   bias [C_out]   out [N, C_out, H_out, W_out]
+
+In raster order t = ky * KW + kx the live taps are exactly ``t < T = cy * KW + cx`` (every row above the
+centre, then the centre row's left part), followed by the centre tap t = T whose channel pairs are
+restricted: with ``G = color_groups`` contiguous groups of ``C_in / G`` and ``C_out / G`` channels,
+
+    (ci, co) is live at the centre  <=>  ci < limit(co) = (co // (C_out/G) + shift) * (C_in/G)
+
+with shift 0 for mask type "A" and 1 for "B" (type A with G = 1 has no live centre at all). So the kernel
+needs no tap table: tap t is (t // KW, t % KW), and the live weights are a prefix of the flattened
+kernel. A dense convolution multiplies the other KH*KW - T - 1 taps by zero; this one never loads them:
+for 7x7 type A that is 24 of 49 taps, for 5x5 type B 13 of 25, for 3x3 type B 5 of 9.
+
+Three GEMMs, each over the same live taps (``P = N * H_out * W_out`` output pixels)::
+
+    forward       out[P, C_out]      = sum_t  X_t[P, C_in]   @ W_t[C_in, C_out]     (X_t: x shifted by tap t)
+    grad input    gx[N*H*W, C_in]    = sum_t  G_t[., C_out]  @ W_t[C_out, C_in]     (G_t: grad_out shifted back)
+    grad weight   gw_t[C_in, C_out]  = X_t[P, C_in]^T @ grad_out[P, C_out]           (one GEMM per live tap)
+    grad bias     = grad_out summed over (N, H_out, W_out)                           (torch)
+
+The centre tap runs the same loops with the reduction bounded per tile (forward: ci < limit(last co of
+the tile); grad input: co from the first co that may see the tile's first ci) and reads a packed weight
+whose forbidden (ci, co) entries were zeroed on the host, so no per-element mask is needed in the inner
+loop. Dead taps' gradients are written as zeros by the launcher and never computed; at the centre,
+grad-weight tiles that are wholly forbidden skip their reduction and the forbidden entries of the
+others are stored as exact zeros.
+
+Layouts: x, grad_out and the outputs are addressed through their four strides (NCHW, channels_last or
+any strided view); the output and grad input are allocated in x's memory format. On a GPU, NCHW
+activations with 8+ channels are first copied to channels_last (:data:`STAGE_CHANNELS_LAST`), because
+only with the channels contiguous do the tile loads vectorise and pipeline. The live weights are packed
+once per call into a contiguous [T + centre, C_out, C_in] tensor (a gather of at most half of a
+weight-sized tensor). Offsets: the batch term is int64, offsets within one sample int32, so one sample
+of x, grad_out or the output must span fewer than 2**31 elements (checked by the launchers).
+
+Precision: operands are loaded in the storage dtype and multiplied by ``tl.dot`` with fp32 accumulation
+(fp64 for fp64). For fp32 operands the choice of TF32 or IEEE follows ``torch.backends.cudnn.allow_tf32``,
+the switch that allows the same for PyTorch's own convolutions (True by default): the kernel takes the
+precision the user granted ``F.conv2d``, and the dispatcher below compares the candidates under the same
+rule. Set it to False for IEEE fp32 products. (The interpreter multiplies in fp32/fp64 regardless.)
+
+Minimum work (e bytes per element; c is the fraction of the centre's channel pairs that are live,
+(G+1)/(2G) for B and (G-1)/(2G) for A)::
+
+    forward   flops 2 P C_in C_out (T + c)          bytes (N C_in H W + C_out C_in (T + 1) + P C_out) e
+    backward  flops 4 P C_in C_out (T + c)          bytes (2 P C_out + 2 N C_in H W + 2 C_out C_in KH KW) e
+
+so with C_in = C_out = C the arithmetic intensity is about C (T + c) / e flops per byte: compute-bound at
+every channel count a PixelCNN uses, and the saving over a dense convolution is the skipped taps.
+
+Dispatch (why there are three implementations here): for small channel counts or small kernels cuDNN on
+the masked dense weight, or a split into two dense convolutions (the vertical/horizontal stack: one
+over the rows above the centre, one over the centre row's left part and the centre), can beat a kernel
+that does less arithmetic less efficiently. On CUDA under the ``auto`` backend, ``impl="auto"`` measures
+the three candidates' forward (+ backward when gradients are needed) once per problem key with CUDA
+events and keeps the winner (``fastdensity.dispatch.CachedAutotuner``, cached in memory and in
+``~/.cache/fastdensity/autotune-masked_conv2d.json``); ``FASTDENSITY_AUTOTUNE=0`` always uses the kernel.
+A forced ``triton`` backend always runs the kernel. Block sizes on CUDA come from a small
+``triton.autotune`` config list per kernel and dtype class; in the interpreter from fixed small tiles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fastdensity import dispatch
+
+from .utils import INTERPRETED, acc_dtype, empty, tl_dtype
+
+__all__ = ["INTERPRETED", "IMPLS", "TUNER", "Geometry", "geometry", "centre_mask", "live_mask", "triton_forward",
+           "triton_backward", "dense_forward", "dense_backward", "split_forward", "split_backward", "tuning_key",
+           "choose_impl", "masked_conv2d_op", "masked_conv2d_backward_op"]
+
+#: The implementations ``impl`` may name; "auto" chooses among them (on CUDA) with :data:`TUNER`.
+IMPLS = ("triton", "dense", "split")
+DEFAULT_IMPL = "triton"
+
+#: Measures the candidates once per problem key and remembers the fastest (see fastdensity.dispatch).
+TUNER = dispatch.CachedAutotuner("masked_conv2d", default=DEFAULT_IMPL)
+
+_INT32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Geometry: everything the three implementations need to know about one call, computed on the host.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of one masked convolution and the description of its live taps."""
+
+    N: int
+    C_in: int
+    H: int
+    W: int
+    C_out: int
+    KH: int
+    KW: int
+    H_out: int
+    W_out: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    n_full: int  # taps before the centre in raster order: all channel pairs live
+    centre: bool  # is any channel pair of the centre tap live?
+    grouped_centre: bool  # does the centre forbid some channel pairs (so its packed weight needs masking)?
+    cin_g: int  # input channels per colour group
+    cout_g: int  # output channels per colour group
+    shift: int  # 0 for mask type A, 1 for B: output group g sees input groups < g + shift
+
+    @property
+    def n_live(self) -> int:
+        return self.n_full + int(self.centre)
+
+    @property
+    def cy(self) -> int:
+        return self.KH // 2
+
+    @property
+    def cx(self) -> int:
+        return self.KW // 2
+
+
+def geometry(x: torch.Tensor, weight: torch.Tensor, mask_type: str, color_groups: int, stride, padding,
+             dilation) -> Geometry:
+    """The :class:`Geometry` of a call whose arguments ``fastdensity.ops`` has already validated."""
+    N, C_in, H, W = x.shape
+    C_out, _, KH, KW = weight.shape
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    H_out = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+    W_out = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    shift = 1 if mask_type == "B" else 0
+    return Geometry(
+        N=N, C_in=C_in, H=H, W=W, C_out=C_out, KH=KH, KW=KW, H_out=H_out, W_out=W_out,
+        stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
+        n_full=(KH // 2) * KW + KW // 2, centre=mask_type == "B" or color_groups > 1,
+        grouped_centre=color_groups > 1, cin_g=C_in // color_groups, cout_g=C_out // color_groups, shift=shift,
+    )
+
+
+def centre_mask(g: Geometry, device) -> torch.Tensor:
+    """[C_out, C_in] bool: which channel pairs the centre tap connects."""
+    limit = (torch.arange(g.C_out, device=device) // g.cout_g + g.shift) * g.cin_g
+    return torch.arange(g.C_in, device=device)[None, :] < limit[:, None]
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    # Where both layouts describe the same strides (C == 1, or H == W == 1) it counts as contiguous.
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _alloc_nchw(shape, like: torch.Tensor, alloc) -> torch.Tensor:
+    """A dense [N, C, H, W] tensor in ``like``'s memory format (channels_last or contiguous)."""
+    n, c, h, w = shape
+    if _is_channels_last(like):
+        return alloc((n, h, w, c), dtype=like.dtype, device=like.device).permute(0, 3, 1, 2)
+    return alloc((n, c, h, w), dtype=like.dtype, device=like.device)
+
+
+def _torch_empty(shape, *, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _pack_weight(weight: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """The live taps of ``weight`` as a contiguous [n_live, C_out, C_in] tensor, forbidden centre pairs zeroed.
+
+    Live taps are a prefix of the raster-flattened kernel, so this is one slice and one copy. Zeroing
+    with ``where`` (not a multiply) keeps a NaN/inf sitting in a dead weight out of the result: dead
+    weights are never part of the op.
+    """
+    pack = weight.reshape(g.C_out, g.C_in, g.KH * g.KW)[:, :, :g.n_live].permute(2, 0, 1).contiguous()
+    if g.centre and g.grouped_centre:
+        pack[g.n_full] = torch.where(centre_mask(g, weight.device), pack[g.n_full], 0)
+    return pack
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_step(acc, x_rows, iy0, ix0, pix_ok, w_ptr, co, co_ok, kk, t, k0,
+              C_in, H, W, C_out, s_xc, s_xh, s_xw, KW, dil_h, dil_w, PRECISION: tl.constexpr):
+    """``acc += x[pixels shifted by tap t, channels k0 + kk] @ w[t, channels k0 + kk, co]``."""
+    iy = iy0 + (t // KW) * dil_h
+    ix = ix0 + (t % KW) * dil_w
+    ok = pix_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # zero padding: out-of-image taps load 0
+    ci = k0 + kk
+    ci_ok = ci < C_in
+    a = tl.load((x_rows + (iy * s_xh + ix * s_xw))[:, None] + (ci * s_xc)[None, :],
+                mask=ok[:, None] & ci_ok[None, :], other=0.0)
+    b = tl.load(w_ptr + t * C_out * C_in + co[None, :] * C_in + ci[:, None],
+                mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    C_in, H, W, C_out, H_out, W_out, P,
+    s_xn, s_xc, s_xh, s_xw,
+    s_on, s_oc, s_oh, s_ow,
+    str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+    KW, n_live, centre_idx, cin_g, cout_g, shift,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_M output pixels x BLOCK_N output channels] tile, reduced over live taps x C_in."""
+    # Output-channel tiles vary fastest: programs that run together share a pixel tile, so its input
+    # rows are read from DRAM once and then served from L2 to the other channel tiles.
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(C_out, BLOCK_N)
+    pid_n = pid % n_tiles_n
+    pid_m = pid // n_tiles_n
+
+    pix = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pix_ok = pix < P
+    nb = pix // (H_out * W_out)
+    rem = (pix % (H_out * W_out)).to(tl.int32)
+    oy = rem // W_out
+    ox = rem % W_out
+    iy0 = oy * str_h - pad_h
+    ix0 = ox * str_w - pad_w
+    x_rows = x_ptr + nb * s_xn  # int64 batch offset; offsets within a sample stay int32
+
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < C_out
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+
+    # The taps before the centre, every channel pair live: one flat loop over (tap, channel block)
+    # rather than two nested ones, so the compiler can pipeline the loads across tap boundaries.
+    n_k = tl.cdiv(C_in, BLOCK_K)
+    n_full = tl.where(centre_idx >= 0, n_live - 1, n_live)
+    for it in range(0, n_full * n_k):
+        acc = _fwd_step(acc, x_rows, iy0, ix0, pix_ok, w_ptr, co, co_ok, kk, it // n_k, (it % n_k) * BLOCK_K,
+                        C_in, H, W, C_out, s_xc, s_xh, s_xw, KW, dil_h, dil_w, PRECISION)
+    if centre_idx >= 0:
+        # Centre tap: the tile's last channel sees the most input channels; the packed weight holds
+        # zeros for the pairs its other channels may not see, so bounding the loop is all it takes.
+        co_last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, C_out) - 1
+        k_end = tl.minimum((co_last // cout_g + shift) * cin_g, C_in)
+        for k0 in range(0, k_end, BLOCK_K):
+            acc = _fwd_step(acc, x_rows, iy0, ix0, pix_ok, w_ptr, co, co_ok, kk, centre_idx, k0,
+                            C_in, H, W, C_out, s_xc, s_xh, s_xw, KW, dil_h, dil_w, PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=co_ok, other=0.0).to(ACC)[None, :]
+    out_offs = (nb * s_on)[:, None] + (oy * s_oh + ox * s_ow)[:, None] + (co * s_oc)[None, :]
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=pix_ok[:, None] & co_ok[None, :])
+
+
+@triton.jit
+def _bwd_input_step(acc, g_rows, iy, ix, pix_ok, w_ptr, ci, ci_ok, kk, t, k0,
+                    C_in, C_out, H_out, W_out, s_gc, s_gh, s_gw, KW, str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+                    PRECISION: tl.constexpr):
+    """``acc += grad_out[the output pixel that tap t maps onto this input pixel, channels k0 + kk]
+    @ w[t, k0 + kk, ci]``; pixels that no output reaches through tap t load 0."""
+    ny = iy + pad_h - (t // KW) * dil_h
+    nx = ix + pad_w - (t % KW) * dil_w
+    oy = ny // str_h
+    ox = nx // str_w
+    ok = pix_ok & (ny >= 0) & (nx >= 0) & (oy * str_h == ny) & (ox * str_w == nx) & (oy < H_out) & (ox < W_out)
+    co = k0 + kk
+    co_ok = co < C_out
+    a = tl.load((g_rows + (oy * s_gh + ox * s_gw))[:, None] + (co * s_gc)[None, :],
+                mask=ok[:, None] & co_ok[None, :], other=0.0)
+    b = tl.load(w_ptr + t * C_out * C_in + co[:, None] * C_in + ci[None, :],
+                mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _bwd_input_kernel(
+    go_ptr, w_ptr, gx_ptr,
+    C_in, H, W, C_out, H_out, W_out, P_in,
+    s_gn, s_gc, s_gh, s_gw,
+    s_xn, s_xc, s_xh, s_xw,
+    str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+    KW, n_live, centre_idx, cin_g, cout_g, shift,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_M input pixels x BLOCK_N input channels] tile of grad_x, reduced over live taps x C_out.
+
+    Input pixel (iy, ix) received tap t from output pixel ((iy + ph - ky dh) / sh, (ix + pw - kx dw) / sw)
+    when both divisions are exact and land inside the output. With stride > 1 most (pixel, tap) pairs
+    fail that test and are masked: correct, though not work-efficient (masked convs are nearly always
+    stride 1, and the dispatcher can pick cuDNN where this matters).
+    """
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(C_in, BLOCK_N)
+    pid_n = pid % n_tiles_n
+    pid_m = pid // n_tiles_n
+
+    pix = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pix_ok = pix < P_in
+    nb = pix // (H * W)
+    rem = (pix % (H * W)).to(tl.int32)
+    iy = rem // W
+    ix = rem % W
+    g_rows = go_ptr + nb * s_gn
+
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_ok = ci < C_in
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+
+    n_k = tl.cdiv(C_out, BLOCK_K)
+    n_full = tl.where(centre_idx >= 0, n_live - 1, n_live)
+    for it in range(0, n_full * n_k):  # flat over (tap, channel block), as in the forward
+        acc = _bwd_input_step(acc, g_rows, iy, ix, pix_ok, w_ptr, ci, ci_ok, kk, it // n_k, (it % n_k) * BLOCK_K,
+                              C_in, C_out, H_out, W_out, s_gc, s_gh, s_gw, KW, str_h, str_w, pad_h, pad_w,
+                              dil_h, dil_w, PRECISION)
+    if centre_idx >= 0:
+        # Centre tap: input channel ci feeds output groups >= ci // cin_g + 1 - shift; the tile's first
+        # channel feeds the most, and the packed weight is zero for the other channels' forbidden pairs.
+        k_start = ((pid_n * BLOCK_N) // cin_g + 1 - shift) * cout_g
+        for k0 in range(k_start, C_out, BLOCK_K):
+            acc = _bwd_input_step(acc, g_rows, iy, ix, pix_ok, w_ptr, ci, ci_ok, kk, centre_idx, k0,
+                                  C_in, C_out, H_out, W_out, s_gc, s_gh, s_gw, KW, str_h, str_w, pad_h, pad_w,
+                                  dil_h, dil_w, PRECISION)
+
+    offs = (nb * s_xn)[:, None] + (iy * s_xh + ix * s_xw)[:, None] + (ci * s_xc)[None, :]
+    tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=pix_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit
+def _bwd_weight_kernel(
+    x_ptr, go_ptr, gw_ptr,
+    C_in, H, W, C_out, H_out, W_out, P,
+    s_xn, s_xc, s_xh, s_xw,
+    s_gn, s_gc, s_gh, s_gw,
+    s_ws, s_wt, s_wco, s_wci,
+    str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+    KW, n_live, centre_idx, cin_g, cout_g, shift, n_split,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """gw[split, t, co, ci] for one live tap t and one [BLOCK_CI x BLOCK_CO] tile, summed over one share
+    of the output pixels. With ``n_split`` > 1 the shares are partial sums the launcher adds up: a few
+    hundred (tap, tile) pairs would not fill the GPU, and splitting the pixel sum keeps it busy without
+    atomics (deterministic results)."""
+    pid = tl.program_id(0)
+    n_co = tl.cdiv(C_out, BLOCK_CO)
+    n_ci = tl.cdiv(C_in, BLOCK_CI)
+    pid_co = pid % n_co
+    rest = pid // n_co
+    pid_ci = rest % n_ci
+    rest = rest // n_ci
+    t = rest % n_live
+    split = rest // n_live
+
+    ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci_ok = ci < C_in
+    co_ok = co < C_out
+    ky = t // KW
+    kx = t % KW
+
+    # This split's contiguous share of the pixel blocks.
+    per_split = tl.cdiv(tl.cdiv(P, BLOCK_P), n_split) * BLOCK_P
+    p_begin = split.to(tl.int64) * per_split
+    p_end = tl.minimum(p_begin + per_split, P)
+    is_centre = t == centre_idx
+    limit = (co // cout_g + shift) * cin_g  # centre: ci < limit[co] is live
+    if is_centre:
+        # A tile whose first ci no co of the tile may see is all zeros: skip its reduction.
+        co_last = tl.minimum(pid_co * BLOCK_CO + BLOCK_CO, C_out) - 1
+        if pid_ci * BLOCK_CI >= (co_last // cout_g + shift) * cin_g:
+            p_end = p_begin
+
+    pp = tl.arange(0, BLOCK_P)
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=ACC)
+    for p0 in range(p_begin, p_end, BLOCK_P):
+        pix = p0 + pp
+        p_ok = pix < p_end
+        nb = pix // (H_out * W_out)
+        rem = (pix % (H_out * W_out)).to(tl.int32)
+        oy = rem // W_out
+        ox = rem % W_out
+        iy = oy * str_h - pad_h + ky * dil_h
+        ix = ox * str_w - pad_w + kx * dil_w
+        x_ok = p_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        x_cols = x_ptr + nb * s_xn + (iy * s_xh + ix * s_xw)
+        g_rows = go_ptr + nb * s_gn + (oy * s_gh + ox * s_gw)
+        a = tl.load(x_cols[None, :] + (ci * s_xc)[:, None], mask=ci_ok[:, None] & x_ok[None, :], other=0.0)
+        b = tl.load(g_rows[:, None] + (co * s_gc)[None, :], mask=p_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if is_centre:
+        acc = tl.where(ci[:, None] < limit[None, :], acc, 0.0)  # forbidden pairs: exact zeros
+    offs = split.to(tl.int64) * s_ws + t * s_wt + (co * s_wco)[None, :] + (ci * s_wci)[:, None]
+    tl.store(gw_ptr + offs, acc.to(gw_ptr.dtype.element_ty), mask=ci_ok[:, None] & co_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch configuration: triton.autotune over a short list on CUDA, fixed small tiles in the interpreter
+# (which cannot benchmark configs). The CUDA lists are starting points awaiting tuning on the H100.
+# ---------------------------------------------------------------------------------------------------
+
+_GEMM_KEYS = ["C_in", "C_out", "n_live", "KW"]
+
+
+def _gemm_configs(dtype: torch.dtype, m: str, n: str, k: str) -> list:
+    if dtype in (torch.float16, torch.bfloat16):
+        shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+    elif dtype == torch.float32:
+        shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4)]
+    else:  # float64: no tensor-core path; small tiles keep the register/shared-memory use sane
+        shapes = [(64, 64, 16, 4, 2), (32, 64, 16, 4, 2)]
+    return [triton.Config({m: bm, n: bn, k: bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+
+
+#: Tiles used in the interpreter: small, so the tests' odd channel counts span several tiles and the
+#: per-tile centre bounds are exercised. Tests may override entries.
+INTERPRETER_BLOCKS = {
+    "fwd": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16},
+    "bwd_input": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16},
+    "bwd_weight": {"BLOCK_CI": 16, "BLOCK_CO": 16, "BLOCK_P": 32},
+}
+
+#: Force the grad-weight pixel split (None: chosen from the GPU's SM count; 1 in the interpreter).
+GRAD_WEIGHT_SPLIT: Optional[int] = None
+
+#: Copy NCHW activations (x, grad_out) to channels_last before the kernels read them. With the
+#: channels contiguous the tile loads vectorise and Triton pipelines them: compiled for sm_90, all three
+#: kernels get 3-stage cp.async pipelines on channels_last bf16 operands and at most one operand
+#: pipelined on NCHW ones. The copy costs one read and write of the tensor, small beside the GEMM at
+#: PixelCNN channel counts, and the dispatcher's measurement includes it. Outputs keep the caller's
+#: layout (written through their strides). None: on when compiled for a GPU, off in the interpreter.
+STAGE_CHANNELS_LAST: Optional[bool] = None
+
+_KERNELS = {"fwd": (_fwd_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+            "bwd_input": (_bwd_input_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+            "bwd_weight": (_bwd_weight_kernel, ("BLOCK_CI", "BLOCK_CO", "BLOCK_P"))}
+_tuned: dict = {}
+
+
+def _launcher(kind: str, dtype: torch.dtype):
+    """``(kernel, extra kwargs)``: the autotuned kernel on a GPU, the plain one plus fixed tiles interpreted."""
+    fn, names = _KERNELS[kind]
+    if INTERPRETED:
+        return fn, dict(INTERPRETER_BLOCKS[kind], num_warps=4)
+    family = dtype if dtype in (torch.float32, torch.float64) else torch.float16
+    if (kind, family) not in _tuned:
+        _tuned[kind, family] = triton.autotune(configs=_gemm_configs(family, *names), key=_GEMM_KEYS)(fn)
+    return _tuned[kind, family], {}
+
+
+def _staged(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the kernels should read it (see :data:`STAGE_CHANNELS_LAST`); 8+ channels make a vector."""
+    stage = (not INTERPRETED) if STAGE_CHANNELS_LAST is None else STAGE_CHANNELS_LAST
+    if stage and t.shape[1] >= 8 and not t.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 products in TF32 exactly when PyTorch's convolutions would use it (see the docstring)."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _check_int32(*tensors: torch.Tensor) -> None:
+    """Offsets within one sample (and within the weight) are int32 in the kernels: check they fit."""
+    for t in tensors:
+        span = sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]))
+        if t.shape[0] and span > _INT32_MAX:
+            raise ValueError(f"the masked-conv kernel addresses one sample of a [N, C, H, W] tensor with int32 "
+                             f"offsets; this one spans {span + 1} elements (shape {tuple(t.shape)}, strides "
+                             f"{t.stride()})")
+
+
+def _common_args(g: Geometry):
+    return (*g.stride, *g.padding, *g.dilation, g.KW, g.n_live, g.n_full if g.centre else -1,
+            g.cin_g, g.cout_g, g.shift)
+
+
+def triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], g: Geometry) -> torch.Tensor:
+    """The forward kernel: [N, C_out, H_out, W_out] in x's dtype and memory format."""
+    out = _alloc_nchw((g.N, g.C_out, g.H_out, g.W_out), x, empty)
+    if out.numel() == 0:
+        return out
+    if g.n_live == 0:  # 1x1 type A with one colour group: nothing is live, the output is the bias
+        if bias is None:
+            return out.zero_()
+        return out.copy_(bias[:, None, None].expand_as(out))
+    _check_int32(x, out, weight[None])
+    xs = _staged(x)
+    pack = _pack_weight(weight, g)
+    b = bias.contiguous() if bias is not None else pack  # any valid pointer when HAS_BIAS is False
+    P = g.N * g.H_out * g.W_out
+    kernel, extra = _launcher("fwd", x.dtype)
+    grid = lambda META: (triton.cdiv(P, META["BLOCK_M"]) * triton.cdiv(g.C_out, META["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](
+        xs, pack, b, out,
+        g.C_in, g.H, g.W, g.C_out, g.H_out, g.W_out, P,
+        *xs.stride(), *out.stride(), *_common_args(g),
+        HAS_BIAS=bias is not None, ACC=tl_dtype(acc_dtype(x.dtype)), PRECISION=_dot_precision(x.dtype), **extra,
+    )
+    return out
+
+
+def _grad_weight_split(g: Geometry, device: torch.device) -> int:
+    """How many pixel shares the grad-weight sum is split into, so that the grid fills the GPU twice."""
+    if GRAD_WEIGHT_SPLIT is not None:
+        return GRAD_WEIGHT_SPLIT
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = g.n_live * triton.cdiv(g.C_in, 128) * triton.cdiv(g.C_out, 128)  # nominal 128x128 tiles
+    P = g.N * g.H_out * g.W_out
+    return max(1, min(triton.cdiv(2 * sms, tiles), P // 4096))
+
+
+def triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g: Geometry,
+                    need_x: bool, need_w: bool):
+    """The two backward kernels: ``(grad_x or None, grad_weight or None)``; dead taps' gradients are 0."""
+    grad_x = grad_w = None
+    grad_out = _staged(grad_out)
+    acc = acc_dtype(x.dtype)
+    precision = _dot_precision(x.dtype)
+    P = g.N * g.H_out * g.W_out
+    if need_x:
+        grad_x = _alloc_nchw(x.shape, x, empty)
+        if g.n_live == 0:
+            grad_x.zero_()
+        elif grad_x.numel():
+            _check_int32(grad_out, grad_x, weight[None])
+            pack = _pack_weight(weight, g)
+            P_in = g.N * g.H * g.W
+            kernel, extra = _launcher("bwd_input", x.dtype)
+            grid = lambda META: (triton.cdiv(P_in, META["BLOCK_M"])  # noqa: E731
+                                 * triton.cdiv(g.C_in, META["BLOCK_N"]),)
+            kernel[grid](
+                grad_out, pack, grad_x,
+                g.C_in, g.H, g.W, g.C_out, g.H_out, g.W_out, P_in,
+                *grad_out.stride(), *grad_x.stride(), *_common_args(g),
+                ACC=tl_dtype(acc), PRECISION=precision, **extra,
+            )
+    if need_w:
+        grad_w = empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        taps = grad_w.view(g.C_out, g.C_in, g.KH * g.KW)
+        taps[:, :, g.n_live:].zero_()  # dead taps: written as zeros, never computed
+        live = taps[:, :, :g.n_live]
+        if live.numel() and P == 0:
+            live.zero_()
+        elif live.numel():
+            _check_int32(x, grad_out)
+            x = _staged(x)
+            n_split = _grad_weight_split(g, x.device)
+            if n_split == 1:
+                target, strides = live, (0, live.stride(2), live.stride(0), live.stride(1))
+            else:  # partial sums in the accumulation dtype, added up below
+                target = empty((n_split, g.n_live, g.C_out, g.C_in), dtype=acc, device=x.device)
+                strides = target.stride()
+            kernel, extra = _launcher("bwd_weight", x.dtype)
+            grid = lambda META: (n_split * g.n_live * triton.cdiv(g.C_in, META["BLOCK_CI"])  # noqa: E731
+                                 * triton.cdiv(g.C_out, META["BLOCK_CO"]),)
+            kernel[grid](
+                x, grad_out, target,
+                g.C_in, g.H, g.W, g.C_out, g.H_out, g.W_out, P,
+                *x.stride(), *grad_out.stride(), *strides, *_common_args(g), n_split,
+                ACC=tl_dtype(acc), PRECISION=precision, **extra,
+            )
+            if n_split > 1:
+                live.copy_(target.sum(0).permute(1, 2, 0))
+    return grad_x, grad_w
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two PyTorch candidates the dispatcher weighs against the kernel. Pure PyTorch: on a GPU they run
+# cuDNN, on a CPU oneDNN; the tests check them against the reference on CPU.
+# ---------------------------------------------------------------------------------------------------
+
+
+def live_mask(g: Geometry, device) -> torch.Tensor:
+    """[C_out, C_in, KH, KW] bool: the PixelCNN mask as this module derives it (raster prefix + centre)."""
+    keep = torch.zeros(g.C_out, g.C_in, g.KH * g.KW, dtype=torch.bool, device=device)
+    keep[:, :, :g.n_full] = True
+    if g.centre:
+        keep[:, :, g.n_full] = centre_mask(g, device)
+    return keep.view(g.C_out, g.C_in, g.KH, g.KW)
+
+
+def _masked_dense_weight(weight: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """``weight`` with every dead entry an exact 0 (``where``, so a NaN/inf there does not leak in)."""
+    return torch.where(live_mask(g, weight.device), weight, 0)
+
+
+def _in_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    fmt = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+def dense_forward(x, weight, bias, g: Geometry) -> torch.Tensor:
+    """cuDNN (or the CPU's dense conv) on the masked dense weight: every tap is multiplied, dead ones by 0."""
+    out = F.conv2d(x, _masked_dense_weight(weight, g), bias, g.stride, g.padding, g.dilation)
+    return _in_format(out, x)
+
+
+def dense_backward(grad_out, x, weight, g: Geometry, need_x: bool, need_w: bool):
+    """cuDNN's data and weight gradients of :func:`dense_forward`; the dead weights' entries are set to 0."""
+    wm = _masked_dense_weight(weight, g)
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = _in_format(torch.nn.grad.conv2d_input(x.shape, wm, grad_out, g.stride, g.padding, g.dilation), x)
+    if need_w:
+        gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, g.stride, g.padding, g.dilation)
+        grad_w = torch.where(live_mask(g, weight.device), gw, 0).contiguous()
+    return grad_x, grad_w
+
+
+def _split_pieces(weight: torch.Tensor, g: Geometry):
+    """The dense convolutions whose sum is the masked one: ``(rows, cols, weight piece, ky, kx)`` each.
+
+    Every piece reads the window ``xp[:, :, rows, cols]`` of x zero-padded by (ph, pw) on every side,
+    cut so that a padding-free convolution with the op's stride and dilation gives exactly
+    [H_out, W_out]; ``ky``/``kx`` say where the piece sits in the full kernel.
+
+    * vertical: the rows above the centre, a (cy x KW) kernel;
+    * horizontal: the centre row up to and including the centre (excluding it when the centre is dead),
+      a (1 x cx+1) kernel whose last column - the centre - has its forbidden channel pairs zeroed.
+    """
+    (sh, sw), (dh, dw) = g.stride, g.dilation
+    cy, cx = g.cy, g.cx
+    pieces = []
+    if cy > 0:
+        rows = slice(0, (g.H_out - 1) * sh + (cy - 1) * dh + 1)
+        pieces.append((rows, slice(None), weight[:, :, :cy, :], slice(0, cy), slice(0, g.KW)))
+    ncols = cx + 1 if g.centre else cx
+    if ncols > 0:
+        w_row = weight[:, :, cy:cy + 1, :ncols]
+        if g.centre and g.grouped_centre:
+            w_row = w_row.clone()
+            w_row[:, :, 0, cx] = torch.where(centre_mask(g, weight.device), w_row[:, :, 0, cx], 0)
+        rows = slice(cy * dh, cy * dh + (g.H_out - 1) * sh + 1)
+        cols = slice(0, (g.W_out - 1) * sw + (ncols - 1) * dw + 1)
+        pieces.append((rows, cols, w_row, slice(cy, cy + 1), slice(0, ncols)))
+    return pieces
+
+
+def _padded(x: torch.Tensor, g: Geometry) -> torch.Tensor:
+    ph, pw = g.padding
+    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+
+
+def split_forward(x, weight, bias, g: Geometry) -> torch.Tensor:
+    """The vertical/horizontal-stack split: (up to) two dense convolutions over the live rows, summed."""
+    xp = _padded(x, g)
+    out = None
+    for i, (rows, cols, w_piece, _, _) in enumerate(_split_pieces(weight, g)):
+        y = F.conv2d(xp[:, :, rows, cols], w_piece, bias if i == 0 else None, g.stride, 0, g.dilation)
+        out = y if out is None else out.add_(y)
+    if out is None:  # 1x1 type A with one colour group: nothing is live, the output is the bias
+        out = x.new_zeros((g.N, g.C_out, g.H_out, g.W_out))
+        if bias is not None:
+            out += bias[:, None, None]
+    return _in_format(out, x)
+
+
+def split_backward(grad_out, x, weight, g: Geometry, need_x: bool, need_w: bool):
+    """Gradients of :func:`split_forward`: each piece's data gradient added into its window of the padded
+    input, each piece's weight gradient written into its place in a zero [C_out, C_in, KH, KW]."""
+    xp = _padded(x, g)
+    grad_xp = torch.zeros_like(xp) if need_x else None
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+    for rows, cols, w_piece, ky, kx in _split_pieces(weight, g):
+        view = xp[:, :, rows, cols]
+        if need_x:
+            grad_xp[:, :, rows, cols] += torch.nn.grad.conv2d_input(view.shape, w_piece, grad_out, g.stride, 0,
+                                                                    g.dilation)
+        if need_w:
+            grad_w[:, :, ky, kx] = torch.nn.grad.conv2d_weight(view, w_piece.shape, grad_out, g.stride, 0,
+                                                               g.dilation)
+    if need_w and g.centre and g.grouped_centre:
+        grad_w[:, :, g.cy, g.cx] = torch.where(centre_mask(g, weight.device), grad_w[:, :, g.cy, g.cx], 0)
+    grad_x = None
+    if need_x:
+        ph, pw = g.padding
+        grad_x = _in_format(grad_xp[:, :, ph:ph + g.H, pw:pw + g.W], x)
+    return grad_x, grad_w
+
+
+_FORWARD = {"triton": triton_forward, "dense": dense_forward, "split": split_forward}
+_BACKWARD = {"triton": triton_backward, "dense": dense_backward, "split": split_backward}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch: which implementation "auto" runs, measured once per problem key (fastdensity.dispatch).
+# ---------------------------------------------------------------------------------------------------
+
+
+def tuning_key(x: torch.Tensor, weight: torch.Tensor, g: Geometry, training: bool) -> dict:
+    """Everything that can change the ranking of the candidates (the bias does not, measurably)."""
+    layout = "channels_last" if _is_channels_last(x) else ("contiguous" if x.is_contiguous() else "strided")
+    return {
+        "x": list(x.shape), "weight": list(weight.shape), "stride": list(g.stride), "padding": list(g.padding),
+        "dilation": list(g.dilation), "live": [g.n_full, g.centre, g.cin_g, g.cout_g, g.shift],
+        "dtype": str(x.dtype).replace("torch.", ""), "layout": layout, "training": bool(training),
+        "tf32": _dot_precision(x.dtype) == "tf32",
+        "device": torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else x.device.type,
+    }
+
+
+def choose_impl(x, weight, bias, g: Geometry, training: bool,
+                tuner: Optional[dispatch.CachedAutotuner] = None) -> str:
+    """The implementation "auto" runs for this call: cached, or measured now (forward, plus backward
+    when ``training``) and cached. ``tuner`` defaults to :data:`TUNER`; tests pass one with a fake timer."""
+    tuner = TUNER if tuner is None else tuner
+    if not dispatch.autotune_enabled():
+        return tuner.default
+    key = tuning_key(x, weight, g, training)
+    cached = tuner.lookup(key)
+    if cached in IMPLS:
+        return cached
+    # One upstream gradient for every candidate, drawn from a private generator: measuring must not
+    # move the user's random stream.
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(0)
+    grad_out = torch.randn((g.N, g.C_out, g.H_out, g.W_out), generator=gen, dtype=x.dtype, device=x.device)
+    grad_out = _in_format(grad_out, x)
+
+    def candidate(impl):
+        forward, backward = _FORWARD[impl], _BACKWARD[impl]
+
+        def run():
+            forward(x, weight, bias, g)
+            if training:
+                backward(grad_out, x, weight, g, True, True)
+        return run
+
+    return tuner.choose(key, {impl: candidate(impl) for impl in IMPLS})
+
+
+def _resolve(impl: str, x, weight, bias, g: Geometry, training: bool) -> str:
+    if impl in IMPLS:
+        return impl
+    if impl != "auto":
+        raise ValueError(f"impl must be 'auto' or one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if x.device.type != "cuda":  # CUDA events time nothing elsewhere; off the GPU "auto" is the kernel
+        return DEFAULT_IMPL
+    return choose_impl(x, weight, bias, g, training)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration: custom_op + register_fake + register_autograd (as in kernels/coupling.py),
+# so torch.compile(fullgraph=True) sees two opaque ops with known output shapes and layouts. The
+# choice among the implementations happens inside them, at run time, invisible to the compiler.
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastdensity::masked_conv2d", mutates_args=())
+def masked_conv2d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask_type: str, color_groups: int,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], impl: str, training: bool,
+) -> torch.Tensor:
+    g = geometry(x, weight, mask_type, color_groups, stride, padding, dilation)
+    return _FORWARD[_resolve(impl, x, weight, bias, g, training)](x, weight, bias, g)
+
+
+@masked_conv2d_op.register_fake
+def _(x, weight, bias, mask_type, color_groups, stride, padding, dilation, impl, training):
+    g = geometry(x, weight, mask_type, color_groups, stride, padding, dilation)
+    return _alloc_nchw((g.N, g.C_out, g.H_out, g.W_out), x, _torch_empty)
+
+
+@torch.library.custom_op("fastdensity::masked_conv2d_backward", mutates_args=())
+def masked_conv2d_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask_type: str, color_groups: int,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], impl: str, need_x: bool, need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = geometry(x, weight, mask_type, color_groups, stride, padding, dilation)
+    # "auto" finds the choice the forward made (same key, training=True) in the tuner's cache.
+    impl = _resolve(impl, x, weight, None, g, True)
+    grad_x, grad_w = _BACKWARD[impl](grad_out, x, weight, g, need_x, need_w)
+    # A custom op cannot return None: an empty tensor stands for "not requested".
+    return (grad_x if grad_x is not None else x.new_empty(0),
+            grad_w if grad_w is not None else weight.new_empty(0))
+
+
+@masked_conv2d_backward_op.register_fake
+def _(grad_out, x, weight, mask_type, color_groups, stride, padding, dilation, impl, need_x, need_w):
+    grad_x = _alloc_nchw(x.shape, x, _torch_empty) if need_x else x.new_empty(0)
+    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else weight.new_empty(0)
+    return grad_x, grad_w
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, mask_type, color_groups, stride, padding, dilation, impl, training = inputs
+    # The inputs are all the backward needs (the packed weight is rebuilt): nothing new is held.
+    ctx.save_for_backward(x, weight)
+    ctx.args = (mask_type, color_groups, stride, padding, dilation, impl)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x = grad_w = grad_b = None
+    if need_x or need_w:
+        grad_x, grad_w = masked_conv2d_backward_op(grad_out, x, weight, *ctx.args, need_x, need_w)
+        grad_x = grad_x if need_x else None
+        grad_w = grad_w if need_w else None
+    if need_b:
+        grad_b = grad_out.sum(dim=(0, 2, 3), dtype=acc_dtype(grad_out.dtype)).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _sm90_variants(kind: str):
+    """The autotune configurations a GPU would try for ``kind``, for the compile tier (tests/test_sm90_compile.py)."""
+    def variants(dtype_name: str):
+        dtype = getattr(torch, dtype_name)
+        family = dtype if dtype in (torch.float32, torch.float64) else torch.float16
+        precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+        return [({**cfg.kwargs, "PRECISION": p}, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                for cfg in _gemm_configs(family, *_KERNELS[kind][1]) for p in precisions]
+    return variants
+
+
+#: kernel name -> (data dtype name -> [(constexpr overrides, launch options)]): GPU-only tile configs.
+SM90_VARIANTS = {_KERNELS[kind][0].__name__: _sm90_variants(kind) for kind in _KERNELS}

@@ -1,0 +1,399 @@
+"""The benchmark harness: percentiles, rotation, CSV schema, the run loop, the report, and the CLI on CPU."""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fastdensity.benchmarks import harness, report, suite
+from fastdensity.benchmarks.bench_masked_conv import live_taps, shifted_masked_conv2d
+from fastdensity.benchmarks.bench_masked_linear import made_mask
+from fastdensity.benchmarks.harness import CSV_COLUMNS, Case, Provider, Runner, Timing, Unavailable
+from fastdensity.commands import bench as bench_cmd
+from fastdensity.reference.masked_conv import masked_conv2d, pixelcnn_mask
+
+CPU = torch.device("cpu")
+
+# ------------------------------------------------------------------------------------------------
+# Small pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def test_csv_columns_are_the_issue_schema():
+    assert CSV_COLUMNS == ("op", "provider", "mode", "dtype", "shape", "device", "median_ms", "p20_ms", "p80_ms",
+                           "gbps", "bw_fraction", "peak_mem_mb", "torch", "triton", "commit", "date")
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 37])
+def test_percentile_matches_numpy(n):
+    rng = random.Random(n)
+    values = [rng.uniform(0, 10) for _ in range(n)]
+    for q in (0, 20, 50, 80, 100, 33.3):
+        assert harness.percentile(values, q) == pytest.approx(np.percentile(values, q), rel=1e-12, abs=1e-12)
+    t = harness.timing_from_samples(values)
+    assert (t.median_ms, t.p20_ms, t.p80_ms) == pytest.approx(tuple(np.percentile(values, [50, 20, 80])))
+
+
+def test_percentile_rejects_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        harness.percentile([], 50)
+    with pytest.raises(ValueError, match=r"q must be within \[0, 100\]"):
+        harness.percentile([1.0], 101)
+
+
+def test_rotation_count_exceeds_twice_the_cache():
+    cache = 32 * 2**20
+    assert harness.rotation_count(cache * 4, cache) == 1  # big inputs: no rotation
+    assert harness.rotation_count(cache // 2, cache) == 4  # 4 sets x 16 MiB = 2 x cache
+    assert harness.rotation_count(1000, cache) == 64  # tiny inputs: capped (64 x 1 kB)
+    n = harness.rotation_count(cache // 3, cache)
+    assert n * (cache // 3) >= 2 * cache - 3
+
+
+def test_zero_inputs_are_refused():
+    with pytest.raises(ValueError, match="all zeros"):
+        harness.check_inputs((torch.randn(3), torch.zeros(2, 2)), "case")
+    harness.check_inputs((torch.randn(3), torch.zeros(2, dtype=torch.long)), "case")  # integer data may be 0
+
+
+def test_calls_rotate_through_the_input_sets():
+    seen = []
+    sets = [(torch.full((2,), float(i + 1)),) for i in range(3)]
+    call = harness.make_call(Runner(lambda x: seen.append(int(x[0])) or x * 2), sets, "forward")
+    for _ in range(5):
+        call()
+    assert seen == [1, 2, 3, 1, 2]
+
+
+def test_backward_and_step_calls_return_the_gradients():
+    a = torch.randn(4, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    runner = Runner(lambda x, y: (x * y, (x ** 2).sum()))
+    backward = harness.make_call(runner, [(a, b)], "backward")
+    ga, gb = backward()
+    ga2, gb2 = backward()  # the retained graph runs again, same result
+    torch.testing.assert_close(ga, ga2)
+    torch.testing.assert_close(gb, gb2)
+    # The upstream is random for the vector output and 1 for the scalar: recover it from gb = u * a.
+    u = gb / a
+    torch.testing.assert_close(ga, u * b + 2 * a)
+    step = harness.make_call(runner, [(a, b)], "forward+backward")
+    ga3, gb3 = step()  # a fresh random upstream for this callable
+    torch.testing.assert_close(ga3, gb3 / a * b + 2 * a)
+    with pytest.raises(Unavailable, match="nothing requires grad"):
+        harness.make_call(Runner(lambda x: x * 2), [(torch.randn(3),)], "backward")
+
+
+def test_device_slug_and_name():
+    slug = harness.device_slug(CPU)
+    assert slug.startswith("cpu-") and all(c.isalnum() or c == "-" for c in slug)
+    assert "threads" in harness.device_name(CPU)
+
+
+# ------------------------------------------------------------------------------------------------
+# CSV
+# ------------------------------------------------------------------------------------------------
+
+
+def _row(**over):
+    row = {c: "" for c in CSV_COLUMNS}
+    row.update(op="op", provider="eager", mode="forward", dtype="float32", shape="x[2]", device="dev",
+               median_ms=1.0, p20_ms=0.9, p80_ms=1.1, gbps=10.0, bw_fraction=0.5, peak_mem_mb=float("nan"),
+               torch="t", triton="tr", commit="c", date="2025-01-01T00:00:00Z")
+    row.update(over)
+    return row
+
+
+def test_writer_appends_under_one_header(tmp_path):
+    path = tmp_path / "sub" / "dev.csv"
+    harness.ResultsWriter(path).append(_row())
+    harness.ResultsWriter(path).append(_row(provider="compiled", median_ms=2.0))
+    with open(path, newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == list(CSV_COLUMNS) and len(lines) == 3
+    rows = harness.read_rows(path)
+    assert [r["provider"] for r in rows] == ["eager", "compiled"]
+    assert rows[0]["peak_mem_mb"] == "" and rows[1]["median_ms"] == "2"
+
+
+def test_writer_refuses_other_schemas(tmp_path):
+    path = tmp_path / "old.csv"
+    path.write_text("op,provider,time\nx,y,1\n")
+    with pytest.raises(ValueError, match="has columns"):
+        harness.ResultsWriter(path)
+    with pytest.raises(ValueError, match="lacks columns"):
+        harness.ResultsWriter(tmp_path / "new.csv").append({"op": "x"})
+
+
+# ------------------------------------------------------------------------------------------------
+# The run loop, with a deterministic timer
+# ------------------------------------------------------------------------------------------------
+
+
+class FixedTimer:
+    """Runs the call twice and reports fixed times: what the harness does with them is what is tested."""
+
+    def __init__(self, ms: float = 2.0):
+        self.ms = ms
+        self.calls = 0
+
+    def __call__(self, fn):
+        fn()
+        fn()
+        self.calls += 1
+        return Timing(self.ms, 0.5 * self.ms, 1.5 * self.ms)
+
+    def sync(self):
+        pass
+
+
+def _synthetic_cases(order: list[str]):
+    def make():
+        return (torch.randn(64, requires_grad=True),)
+
+    def fn(name):
+        def run(x):
+            order.append(name)
+            return (x * 3).sum()
+
+        return run
+
+    def broken():
+        raise Unavailable("not installed here")
+
+    def failing(x):
+        raise RuntimeError("kernel exploded")
+
+    providers = [
+        Provider("compiled", lambda: Runner(fn("compiled")), compiles=True),
+        Provider("eager", lambda: Runner(fn("eager"))),
+        Provider("peer", broken),
+        Provider("bad", lambda: Runner(failing)),
+    ]
+    case = Case("toy", "x[64]", torch.float32, make, providers, min_bytes={"forward": 2e6})
+    missing = Case("missing_op", "x[1]", torch.float32, make, [Provider("eager", lambda: Runner(fn("x")))],
+                   unavailable="fastdensity.ops.missing_op is not in this build")
+    return {"toy": [case], "missing": [missing]}
+
+
+def test_run_suite_rows_skips_and_order(tmp_path):
+    order: list[str] = []
+    writer = harness.ResultsWriter(tmp_path / "r.csv")
+    result = harness.run_suite(_synthetic_cases(order), device=CPU, writer=writer, progress=False,
+                               timer=FixedTimer(2.0), copy_bytes=2**20, log=lambda s: None)
+    rows = harness.read_rows(tmp_path / "r.csv")
+    assert rows[0]["op"] == "device_copy" and float(rows[0]["bw_fraction"]) == 1.0
+    copy_gbps = float(rows[0]["gbps"])
+    assert copy_gbps == pytest.approx(2 * 2**20 / 2e-3 / 1e9, rel=1e-4)  # bytes read + written / 2 ms
+    measured = [(r["provider"], r["mode"]) for r in rows[1:]]
+    # eager (all modes) before the compiling provider; the failing and unavailable ones are not rows
+    assert measured == [("eager", m) for m in harness.MODES] + [("compiled", m) for m in harness.MODES]
+    assert order.index("compiled") > max(i for i, name in enumerate(order) if name == "eager")
+    fwd = rows[1]
+    assert float(fwd["gbps"]) == pytest.approx(2e6 / 2e-3 / 1e9, rel=1e-4)
+    assert float(fwd["bw_fraction"]) == pytest.approx(float(fwd["gbps"]) / copy_gbps, rel=1e-4)
+    assert rows[2]["gbps"] == ""  # no minimum bytes for backward in this case: no GB/s
+    assert fwd["peak_mem_mb"] == ""  # CPU: not measured
+    assert float(fwd["p20_ms"]) == 1.0 and float(fwd["p80_ms"]) == 3.0
+    kinds = {(s.provider, s.kind) for s in result.skips}
+    assert kinds == {("peer", "unavailable"), ("bad", "error"), ("eager", "unavailable")}
+    assert all("kernel exploded" in s.reason for s in result.errors) and len(result.errors) == 3
+
+
+def test_run_suite_respects_the_budget():
+    result = harness.run_suite(_synthetic_cases([]), device=CPU, budget_s=0.0, progress=False,
+                               timer=FixedTimer(), copy_bytes=2**20, log=lambda s: None)
+    assert len(result.rows) == 1  # only the copy yardstick
+    assert {s.kind for s in result.skips} == {"budget", "unavailable"}
+
+
+def test_compiling_providers_need_the_reserve():
+    result = harness.run_suite(_synthetic_cases([]), device=CPU, budget_s=60.0, compile_reserve_s=1e6,
+                               progress=False, timer=FixedTimer(), copy_bytes=2**20, log=lambda s: None)
+    assert {r["provider"] for r in result.rows[1:]} == {"eager"}
+    assert any(s.provider == "compiled" and s.kind == "budget" and "compile" in s.reason for s in result.skips)
+
+
+# ------------------------------------------------------------------------------------------------
+# Report: tables and plots from a CSV the harness's own writer wrote
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_synthetic_csv(path, device="NVIDIA H100 80GB HBM3", subject="fastdensity"):
+    writer = harness.ResultsWriter(path)
+    base = dict(device=device, dtype="bfloat16", shape="x[256,6144]")
+    writer.append(_row(op="device_copy", provider="torch", gbps=3000.0, bw_fraction=1.0, **base))
+    # Older runs of eager, before and after the current rows in the file: the latest by date must win.
+    writer.append(_row(op="coupling", provider="eager", mode="forward+backward", median_ms=100.0,
+                       date="2024-06-01T00:00:00Z", **base))
+    for mode in harness.MODES:
+        writer.append(_row(op="coupling", provider=subject, mode=mode, median_ms=1.0, gbps=2000.0,
+                           bw_fraction=2 / 3, peak_mem_mb=10.0, **base))
+        writer.append(_row(op="coupling", provider="eager", mode=mode, median_ms=4.0, peak_mem_mb=40.0, **base))
+        writer.append(_row(op="coupling", provider="compiled", mode=mode, median_ms=0.5, peak_mem_mb=12.0, **base))
+        writer.append(_row(op="coupling", provider="nflows", mode=mode, median_ms=8.0, **base))
+    writer.append(_row(op="coupling", provider="eager", mode="forward+backward", median_ms=50.0,
+                       date="2024-01-01T00:00:00Z", **base))
+
+
+def test_markdown_shows_wins_and_losses(tmp_path):
+    path = tmp_path / "nvidia-h100-80gb-hbm3.csv"
+    _write_synthetic_csv(path)
+    rows = harness.read_rows(path)
+    table = report.markdown_table(rows, ["forward+backward"])
+    line = next(l for l in table.splitlines() if l.startswith("| coupling"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[4] == "1" and cells[5] == "4" and cells[6] == "0.5" and cells[7] == "8 (nflows)"
+    assert cells[8] == "4.00x"  # vs eager: the latest eager row (4 ms), not the older 100 or 50 ms ones
+    assert cells[9] == "**0.50x slower**"  # the loss against compiled, shown plainly
+    assert cells[10] == "8.00x" and cells[11] == "2e+03 (67%)" and cells[12] == "10 (40)"
+    assert "device copy 3000 GB/s" in table and "fastdensity = the Triton kernels" in table
+    assert len(report.comparisons(rows)) == 3  # one per mode
+    text = report.text_table(rows)
+    assert "0.50x slower" in text and "**" not in text
+
+
+def test_the_kernel_alone_is_shown_beside_the_dispatching_op(tmp_path):
+    path = tmp_path / "gpu.csv"
+    _write_synthetic_csv(path)
+    harness.ResultsWriter(path).append(_row(op="coupling", provider="fastdensity_kernel", mode="forward",
+                                            median_ms=0.1, device="NVIDIA H100 80GB HBM3", dtype="bfloat16",
+                                            shape="x[256,6144]"))
+    line = next(l for l in report.markdown_table(harness.read_rows(path), ["forward"]).splitlines()
+                if l.startswith("| coupling"))
+    assert "| 1 (kernel 0.1) |" in line
+    assert "(nflows)" in line  # the kernel variant is not a peer, however fast
+
+
+def test_cpu_tables_name_eager_as_the_subject(tmp_path):
+    path = tmp_path / "cpu-x.csv"
+    _write_synthetic_csv(path, device="CPU x (2 threads)", subject="zuko")
+    table = report.markdown_table(harness.read_rows(path), ["forward"])
+    assert "the subject is eager" in table
+    line = next(l for l in table.splitlines() if l.startswith("| coupling"))
+    assert "(subject)" in line and "0.50x (zuko)" not in line
+    assert "**0.12x slower**" in line  # compiled 0.5 ms vs eager 4 ms
+
+
+def test_render_writes_markdown_plots_and_readme_block(tmp_path):
+    path = tmp_path / "nvidia-h100-80gb-hbm3.csv"
+    _write_synthetic_csv(path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.BEGIN}\nold table\n{report.END}\n\ntail\n")
+    written = report.render([path], tmp_path / "out", readme)
+    names = sorted(p.name for p in written)
+    assert names == ["README.md", "memory-nvidia-h100-80gb-hbm3.png", "nvidia-h100-80gb-hbm3.md",
+                     "speedup-nvidia-h100-80gb-hbm3.png"]
+    for p in written:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    text = readme.read_text()
+    assert "old table" not in text and text.endswith("tail\n") and "| coupling |" in text
+    assert text.count(report.BEGIN) == 1
+    with pytest.raises(ValueError, match="no <!-- fastdensity-bench:begin -->"):
+        report.update_readme(tmp_path / "out" / "nvidia-h100-80gb-hbm3.md", "t")
+
+
+# ------------------------------------------------------------------------------------------------
+# The bench modules
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_module_builds_cases(quick):
+    settings = harness.Settings(CPU, quick=quick)
+    cases = suite.load_cases(None, settings)
+    assert list(cases) == list(suite.MODULES)
+    for op_cases in cases.values():
+        assert op_cases
+        for case in op_cases:
+            names = [p.name for p in case.providers]
+            assert len(names) == len(set(names)) and names[0] == "fastdensity" and "eager" in names
+            # torch.compile of a whole model takes minutes on a CPU: quick runs leave it out
+            assert ("compiled" in names) != (quick and case.op.startswith("train_step_"))
+            assert set(case.min_bytes) <= set(harness.MODES)
+    with pytest.raises(ValueError, match="unknown benchmark nope"):
+        suite.load_cases(["nope"], settings)
+
+
+def test_quick_inputs_are_real_values():
+    settings = harness.Settings(CPU, quick=True)
+    for op_cases in suite.load_cases([n for n in suite.MODULES if n != "models"], settings).values():
+        for case in op_cases:
+            if not case.unavailable:
+                harness.check_inputs(case.make_inputs(), case.op)
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("mask_type", ["A", "B"])
+def test_shifted_conv_peer_is_the_masked_conv(k, mask_type):
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    w = torch.randn(5, 4, k, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64)
+    got = shifted_masked_conv2d(x, w, b, mask_type)
+    torch.testing.assert_close(got, masked_conv2d(x, w, b, mask_type=mask_type))
+    (gw,) = torch.autograd.grad(got.sum(), w)
+    mask = pixelcnn_mask(5, 4, k, k, mask_type, dtype=torch.float64)
+    assert torch.all(gw[mask == 0] == 0)  # dead taps are never read
+    assert live_taps(k, mask_type) == int(mask[0, 0].sum())
+
+
+def test_made_mask_is_block_triangular():
+    mask = made_mask(64, 64, 8, CPU)
+    assert 0.4 < mask.float().mean() < 0.7
+    # Sorted degrees: every row is a prefix of the inputs, and the prefixes grow down the rows (a
+    # staircase of dense diagonal blocks with nothing to their right: whole tiles to skip).
+    counts = mask.sum(dim=1)
+    assert all(torch.equal(mask[o], torch.arange(64) < counts[o]) for o in range(64))
+    assert torch.all(counts[1:] >= counts[:-1]) and counts[0] > 0 and mask[-1].all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
+
+
+def _bench_args(*argv):
+    parser = argparse.ArgumentParser()
+    bench_cmd.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_results_path_policy(tmp_path):
+    slug = "cpu-x"
+    assert bench_cmd.results_path(_bench_args("--quick"), slug) is None  # smoke runs write nothing
+    assert bench_cmd.results_path(_bench_args("--quick", "--results", str(tmp_path)), slug) == tmp_path / "cpu-x.csv"
+    assert bench_cmd.results_path(_bench_args("--results", str(tmp_path), "--no-save"), slug) is None
+    full = bench_cmd.results_path(_bench_args(), slug)
+    assert full.name == "cpu-x.csv" and full.parent.name in ("results", "fastdensity-bench")
+
+
+def test_quick_cli_end_to_end_on_cpu(tmp_path, capsys):
+    args = _bench_args("--quick", "--op", "coupling", "--provider", "eager", "--device", "cpu", "--threads", "1",
+                       "--budget", "40", "--results", str(tmp_path), "--no-progress")
+    assert bench_cmd.run(args) == 0
+    out = capsys.readouterr().out
+    assert "Triton kernels need" in out and "affine_coupling" in out
+    rows = harness.read_rows(tmp_path / f"{harness.device_slug(CPU)}.csv")
+    assert rows[0]["op"] == "device_copy"
+    measured = {(r["op"], r["mode"]) for r in rows[1:]}
+    assert ("affine_coupling", "forward") in measured  # the first case always fits the budget
+    for r in rows[1:]:
+        assert r["provider"] == "eager" and r["dtype"] == "float32" and float(r["median_ms"]) > 0
+        assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert r["torch"] == torch.__version__ and r["date"].endswith("Z")
+    ac = [r for r in rows if r["op"] == "affine_coupling"]
+    assert all(math.isfinite(float(r["gbps"])) for r in ac)
+
+
+def test_cli_rejects_a_missing_gpu_and_unknown_ops(capsys):
+    if not torch.cuda.is_available():
+        assert bench_cmd.run(_bench_args("--device", "cuda", "--no-save")) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert bench_cmd.run(_bench_args("--op", "nope", "--device", "cpu", "--no-save")) == 2
+    assert "unknown benchmark nope" in capsys.readouterr().err
