@@ -3,7 +3,7 @@
 Layers (``fastdensity.nn``), flows (:class:`Flow`), functional ops (``fastdensity.ops``) and the
 backend switch (:func:`set_backend`). See README.md for the tour.
 """
-from . import backend, nn, ops
+from . import backend, data, models, nn, ops
 from .backend import get_backend, set_backend
 from .distributions import DiagonalNormal, StandardNormal
 from .flows import Flow
@@ -12,6 +12,6 @@ from .nn import CompositeTransform
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "nn", "ops", "get_backend", "set_backend", "Flow", "CompositeTransform", "StandardNormal",
+    "backend", "data", "models", "nn", "ops", "get_backend", "set_backend", "Flow", "CompositeTransform", "StandardNormal",
     "DiagonalNormal", "__version__",
 ]

@@ -1,0 +1,129 @@
+"""What every model in :mod:`fastdensity.models` shares: the interface training relies on.
+
+A model is an ``nn.Module`` built from plain keyword arguments (its *config*, stored in checkpoints)
+with
+
+* ``log_prob(x) -> [B]``: the log-density (continuous models) or log-probability (discrete models)
+  of a batch ``x`` of shape ``[B, *shape]``, in nats;
+* ``sample(n) -> [n, *shape]``: draws from the global torch RNG (seed it with ``torch.manual_seed``);
+* ``initialize(x)``: data-dependent initialisation from a batch (ActNorm statistics, k-means++ for
+  mixtures), run once before training;
+* ``config``: the constructor's keyword arguments as plain numbers, strings and lists, so that
+  ``type(model)(**model.config)`` rebuilds an untrained copy and checkpoints load with
+  ``torch.load(..., weights_only=True)``.
+
+``discrete`` models (PixelCNN) take integer levels ``0..levels-1`` and return exact log-probabilities;
+continuous models take real-valued inputs (see :mod:`fastdensity.data` for dequantization).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["DensityModel", "check_shape", "mlp", "ConvNet"]
+
+
+def check_shape(name: str, shape: Sequence[int], dims: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` as a tuple of positive ints with one of ``dims`` entries, or a ValueError naming it."""
+    try:
+        shape = tuple(int(s) for s in ([shape] if isinstance(shape, int) else shape))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: shape must be a sequence of positive ints; got {shape!r}") from None
+    if len(shape) not in dims or any(s < 1 for s in shape):
+        expected = " or ".join({1: "[D]", 3: "[C, H, W]"}[d] for d in dims)
+        raise ValueError(f"{name} models data of shape {expected} per example; got shape {list(shape)}")
+    return shape
+
+
+class DensityModel(nn.Module):
+    """Base class of the models: the common interface described in the module docstring."""
+
+    #: registry name (``fastdensity train --model NAME``)
+    name = ""
+    #: True when the model takes integer levels and gives exact probabilities
+    discrete = False
+
+    def __init__(self, shape: Sequence[int], **config):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.config = {"shape": list(self.shape), **config}
+
+    @property
+    def dim(self) -> int:
+        """D, the number of scalar variables per example."""
+        return math.prod(self.shape)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}.log_prob expects a torch.Tensor; got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.shape or x.dim() != len(self.shape) + 1:
+            raise ValueError(f"{type(self).__name__} expects inputs of shape [B, {', '.join(map(str, self.shape))}]; "
+                             f"got {list(x.shape)}")
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, num_samples: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`log_prob` (so ``DistributedDataParallel`` hooks the model's main computation)."""
+        return self.log_prob(x)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Data-dependent initialisation: one forward pass in training mode (sets ActNorm statistics)."""
+        was_training = self.training
+        self.train()
+        self.log_prob(x)
+        self.train(was_training)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items())
+
+
+def mlp(in_features: int, out_features: int, hidden_features: int, num_hidden: int = 2,
+        zero_last: bool = True) -> nn.Sequential:
+    """``num_hidden`` ReLU layers of ``hidden_features``; the last layer starts at zero when ``zero_last``
+    so that a coupling built on it starts as the identity (a stable first step)."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for _ in range(num_hidden):
+        layers += [nn.Linear(width, hidden_features), nn.ReLU()]
+        width = hidden_features
+    last = nn.Linear(width, out_features)
+    if zero_last:
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers, last)
+
+
+class ConvNet(nn.Module):
+    """Conditioner for image couplings: 3x3 conv -> ``num_blocks`` residual 3x3 blocks -> 3x3 conv.
+
+    ``[B, in_channels, H, W] -> [B, out_channels, H, W]``, spatial size kept by zero padding; the last
+    convolution starts at zero (the coupling starts as the identity, as in Glow).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, num_blocks: int = 1):
+        super().__init__()
+        self.first = nn.Conv2d(in_channels, hidden_channels, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.ReLU(), nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(hidden_channels, hidden_channels, 1))
+            for _ in range(num_blocks))
+        self.last = nn.Conv2d(hidden_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.last.weight)
+        nn.init.zeros_(self.last.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.last(torch.relu(h))

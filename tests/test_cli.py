@@ -1,0 +1,169 @@
+"""The ``fastdensity`` command: train / evaluate / sample end to end on tiny budgets, and their errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastdensity import cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--set", "hidden=8", "--set", "num_layers=2", "--no-progress"]
+
+
+def run_cli(capsys, *argv):
+    """``fastdensity ARGV`` in this process: (exit status, stdout, stderr)."""
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------------------------
+# train / evaluate / sample end to end
+# ------------------------------------------------------------------------------------------------
+
+
+def test_train_evaluate_sample_2d(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(capsys, "train", "--data", "8gaussians", "--steps", 30, "--batch-size", 128,
+                                   "--out", out, "--json", *TINY)
+    assert code == 0, stderr
+    metrics = json.loads(stdout)
+    assert metrics["model"] == "realnvp" and metrics["data"] == "8gaussians" and metrics["steps"] == 30
+    assert "true NLL (entropy of 8gaussians)" in stderr and "KL gap to the truth" in stderr
+    for name in ("metrics.json", "checkpoint.pt", "log.jsonl", "samples.png", "density.png"):
+        assert (out / name).exists(), name
+    assert (out / "density.png").read_bytes()[:8] == PNG_MAGIC
+
+    code, stdout, _ = run_cli(capsys, "evaluate", out / "checkpoint.pt", "--data", "8gaussians", "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["nll"] == pytest.approx(metrics["test_nll"], rel=1e-9)
+    assert result["kl_gap"] == pytest.approx(metrics["kl_gap"], rel=1e-9) and result["examples"] == 20_000
+    code, stdout, _ = run_cli(capsys, "evaluate", out)  # the run directory; the data from the checkpoint
+    assert code == 0 and "realnvp on 8gaussians (test, 20,000 examples)" in stdout and "KL gap" in stdout
+
+    code, stdout, _ = run_cli(capsys, "sample", out, "-n", 50, "--out", tmp_path / "s.npy", "--seed", 3)
+    assert code == 0 and "wrote 50 samples" in stdout
+    s = np.load(tmp_path / "s.npy", allow_pickle=False)
+    assert s.shape == (50, 2) and s.dtype == np.float32 and np.isfinite(s).all()
+    run_cli(capsys, "sample", out, "-n", 50, "--out", tmp_path / "again.npy", "--seed", 3)
+    assert np.array_equal(np.load(tmp_path / "again.npy"), s)  # the seed fixes the draw
+    code, _, _ = run_cli(capsys, "sample", out, "-n", 20, "--out", tmp_path / "s.png")
+    assert code == 0 and (tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_default_command_is_realnvp_on_checkerboard(tmp_path, capsys):
+    code, stdout, stderr = run_cli(capsys, "train", "--steps", 3, "--out", tmp_path, "--json", "--no-progress",
+                                   "--no-plots")
+    assert code == 0, stderr
+    metrics = json.loads(stdout)
+    assert (metrics["model"], metrics["data"], metrics["batch_size"]) == ("realnvp", "checkerboard", 512)
+    assert metrics["true_nll"] == pytest.approx(np.log(8))
+
+
+def test_train_and_sample_digits_pixelcnn(tmp_path, capsys):
+    code, _, stderr = run_cli(capsys, "train", "--model", "pixelcnn", "--data", "digits", "--steps", 3,
+                              "--batch-size", 16, "--out", tmp_path, "--set", "hidden=4", "--set", "num_blocks=1",
+                              "--no-progress")
+    assert code == 0, stderr
+    assert "independent-pixel baseline" in stderr and (tmp_path / "samples.png").exists()
+    code, _, _ = run_cli(capsys, "sample", tmp_path, "-n", 3, "--out", tmp_path / "d.npy")
+    assert code == 0
+    d = np.load(tmp_path / "d.npy")
+    assert d.shape == (3, 1, 8, 8) and d.dtype == np.uint8 and d.max() <= 16
+    code, stdout, _ = run_cli(capsys, "evaluate", tmp_path, "--data", "digits", "--json")
+    assert code == 0 and json.loads(stdout)["nll_kind"].startswith("exact discrete")
+
+
+def test_train_on_a_user_file(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "points.npy", rng.normal(size=(300, 3)).astype(np.float32) * [1.0, 2.0, 0.5])
+    code, stdout, stderr = run_cli(capsys, "train", "--model", "maf", "--data", tmp_path / "points.npy",
+                                   "--steps", 10, "--out", tmp_path / "run", "--json", *TINY)
+    assert code == 0, stderr
+    assert json.loads(stdout)["data"] == "points" and (tmp_path / "run" / "samples.png").exists()
+    assert not (tmp_path / "run" / "density.png").exists()  # 3-D data: no density picture
+    code, stdout, _ = run_cli(capsys, "evaluate", tmp_path / "run", "--data", tmp_path / "points.npy", "--json")
+    assert code == 0 and json.loads(stdout)["nll"] == pytest.approx(json.loads((tmp_path / "run" / "metrics.json")
+                                                                               .read_text())["test_nll"])
+
+
+def test_python_dash_m_and_console_script():
+    result = subprocess.run([sys.executable, "-m", "fastdensity", "train", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "--resume" in result.stdout and "realnvp" in result.stdout
+    script = os.path.join(os.path.dirname(sys.executable), "fastdensity")
+    if os.path.exists(script):  # installed with pip: the console script is the same command
+        result = subprocess.run([script, "sample", "--help"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "--num-samples" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors: exit status 2 and a message that says what is wrong
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_bad_files(tmp_path):
+    np.save(tmp_path / "pickled.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    nan = np.zeros((20, 2), dtype=np.float32)
+    nan[3, 0] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "flat.npy", np.zeros(20, dtype=np.float32))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "{tmp}/missing.npy"], "does not exist"),
+    (["--data", "{tmp}/pickled.npy"], "pickled Python objects"),
+    (["--data", "{tmp}/nan.npy"], r"NaN or infinite value\(s\), the first at index \(3, 0\)"),
+    (["--data", "{tmp}/flat.npy"], r"must have shape \[N, D\]"),
+    (["--data", "swissroll"], "unknown data 'swissroll'"),
+    (["--model", "pixelcnn", "--data", "moons"], r"pixelcnn models images"),
+    (["--set", "depth=3"], "options are num_layers, hidden"),
+    (["--resume"], "cannot resume: no checkpoint at"),
+    (["--resume", "--lr", "1e-3"], "--lr cannot change"),
+    (["--steps", "0"], "steps must be >= 1"),
+])
+def test_train_errors(tmp_path, capsys, args, message):
+    _write_bad_files(tmp_path)
+    argv = ["train", "--out", tmp_path / "run", "--no-progress", *[a.format(tmp=tmp_path) for a in args]]
+    code, _, stderr = run_cli(capsys, *argv)
+    assert code == 2
+    assert stderr.startswith("fastdensity train: error:")
+    import re
+
+    assert re.search(message, stderr), stderr
+
+
+def test_evaluate_and_sample_errors(tmp_path, capsys):
+    code, _, stderr = run_cli(capsys, "evaluate", tmp_path / "nothing.pt", "--data", "moons")
+    assert code == 2 and "checkpoint" in stderr and "does not exist" in stderr
+    assert run_cli(capsys, "train", "--data", "moons", "--steps", 2, "--out", tmp_path, "--no-plots", *TINY)[0] == 0
+    code, _, stderr = run_cli(capsys, "evaluate", tmp_path, "--data", "digits")
+    assert code == 2 and "models examples of shape [2]; digits has shape [1, 8, 8]" in stderr
+    code, _, stderr = run_cli(capsys, "sample", tmp_path, "-n", 5, "--out", tmp_path / "s.txt")
+    assert code == 2 and "--out must end in .png or .npy" in stderr
+    code, _, stderr = run_cli(capsys, "sample", tmp_path, "-n", 0, "--out", tmp_path / "s.npy")
+    assert code == 2 and "-n must be >= 1" in stderr
+
+
+def test_non_finite_loss_exits_1_naming_the_step(tmp_path, capsys, monkeypatch):
+    from fastdensity import train as ftrain
+
+    forward = ftrain._Objective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, y, logdet):
+        calls["n"] += 1
+        out = forward(self, y, logdet)
+        return out + float("inf") if calls["n"] == 4 else out
+
+    monkeypatch.setattr(ftrain._Objective, "forward", poisoned)
+    code, _, stderr = run_cli(capsys, "train", "--steps", 10, "--checkpoint-every", 2, "--out", tmp_path,
+                              "--no-plots", *TINY)
+    assert code == 1
+    assert "non-finite (inf) at step 4; the last good checkpoint (step 2) is kept" in stderr
