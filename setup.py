@@ -19,12 +19,17 @@ extras = {
     "bench": ["matplotlib>=3.7", "pytest-benchmark>=4.0"],
     # Peer libraries the benchmarks compare against when installed.
     "peers": ["nflows>=0.14", "zuko>=1.1", "normflows>=1.7"],
+    # The peers are in the test set: equivalence tests (MADE vs nflows, model sizes vs zuko) and the
+    # CI benchmark smoke test compare against them.
     "test": [
         "pytest>=7.4",
         "pytest-xdist>=3.3",
         "pytest-benchmark>=4.0",
         "matplotlib>=3.7",
         "scikit-learn>=1.3",
+        "nflows>=0.14",
+        "zuko>=1.1",
+        "normflows>=1.7",
     ],
 }
 extras["all"] = sorted({req for name in ("plot", "data", "bench") for req in extras[name]})
