@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .harness import Case, Runner, Settings, element_size, op_providers, op_unavailable, peer, randn
+from .harness import Case, Runner, Settings, element_size, op_providers, op_unavailable, peer, randn, traffic
 
 OP = "coupling"
 
@@ -37,7 +37,7 @@ def _op_case(settings: Settings, shape, dtype) -> Case:
         dtype=dtype,
         make_inputs=lambda: tuple(randn(shape, settings, dtype) for _ in range(3)),
         providers=op_providers(_coupling, settings.device, "coupling"),
-        min_bytes={"forward": 4 * n * e, "backward": 5 * n * e, "forward+backward": 9 * n * e},
+        min_bytes=traffic(4 * n * e, 5 * n * e),
         unavailable=op_unavailable("affine_coupling"),
     )
 

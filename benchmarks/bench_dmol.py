@@ -4,7 +4,7 @@ x [B, 3, H, W] (fp32, pixel values on the 8-bit grid of [-1, 1], edges included)
 [B, 10K, H, W] (the network's output, in the benchmarked dtype), out [B] (``reduction="sum"``).
 Gradients go to params only: x is data. With e bytes per params element and M = B H W pixels:
 
-    forward             read x (12 M bytes) and params (10 K M e), write out (4 B)
+    forward             read x (12 M bytes) and params (10 K M e), write out (4 B; 8 B for fp64)
     backward            read gy, x, params; write g_params (10 K M e)
     forward + backward                                          the sum
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Settings, element_size, op_providers, op_unavailable, randn
+from .harness import Case, Settings, element_size, op_providers, op_unavailable, randn, traffic
 
 OP = "dmol"
 
@@ -40,15 +40,16 @@ def _case(settings: Settings, batch: int, k: int, size: int, dtype) -> Case:
 
     m = batch * size * size
     e = element_size(dtype)
-    fwd = 12 * m + 10 * k * m * e + 4 * batch
-    bwd = 4 * batch + 12 * m + 2 * 10 * k * m * e
+    o = 8 if dtype == torch.float64 else 4  # the log-likelihood is float32 (float64 for float64 params)
+    fwd = 12 * m + 10 * k * m * e + o * batch
+    bwd = o * batch + 12 * m + 2 * 10 * k * m * e
     return Case(
         op="dmol_log_prob",
         shape=f"x[{batch},3,{size},{size}] K={k}",
         dtype=dtype,
         make_inputs=make_inputs,
         providers=op_providers(_dmol, settings.device, "dmol"),
-        min_bytes={"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd},
+        min_bytes=traffic(fwd, bwd),
         unavailable=op_unavailable("dmol_log_prob"),
     )
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Settings, element_size, op_providers, op_unavailable, randn
+from .harness import Case, Settings, element_size, op_providers, op_unavailable, randn, traffic
 
 OP = "gaussian_mixture"
 
@@ -60,9 +60,17 @@ def mixture_case(settings: Settings, op: str, fn, kernel: str, batch: int, k: in
         dtype=dtype,
         make_inputs=make_inputs,
         providers=op_providers(fn, settings.device, kernel),
-        min_bytes={"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd},
+        min_bytes=traffic(fwd, bwd),
         unavailable=op_unavailable(op),
     )
+
+
+def mixture_cases(settings: Settings, op: str, fn, per_sample, shared) -> list[Case]:
+    """Cases of one mixture op for (B, K, D) shapes with per-sample and with shared parameters, in
+    fp32 and bf16 on a GPU, fp32 on CPU."""
+    dtypes = settings.pick_dtypes([torch.float32, torch.bfloat16] if settings.cuda else [torch.float32])
+    out = [mixture_case(settings, op, fn, "mixture", *s, dtype, False) for dtype in dtypes for s in per_sample]
+    return out + [mixture_case(settings, op, fn, "mixture", *s, dtype, True) for dtype in dtypes for s in shared]
 
 
 def cases(settings: Settings) -> list[Case]:
@@ -73,8 +81,4 @@ def cases(settings: Settings) -> list[Case]:
         per_sample, shared = [(2048, 8, 8)], [(4096, 32, 16)]
     else:
         per_sample, shared = [(16384, 16, 32)], [(16384, 64, 32)]
-    dtypes = settings.pick_dtypes([torch.float32, torch.bfloat16] if settings.cuda else [torch.float32])
-    op = "gaussian_mixture_log_prob"
-    out = [mixture_case(settings, op, _gmm, "mixture", *s, dtype, False) for dtype in dtypes for s in per_sample]
-    out += [mixture_case(settings, op, _gmm, "mixture", *s, dtype, True) for dtype in dtypes for s in shared]
-    return out
+    return mixture_cases(settings, "gaussian_mixture_log_prob", _gmm, per_sample, shared)

@@ -7,9 +7,7 @@ Shapes: per-sample B=65536, K=16, D=32 and shared N=65536, K=256, D=64 on a GPU.
 """
 from __future__ import annotations
 
-import torch
-
-from .bench_gaussian_mixture import mixture_case
+from .bench_gaussian_mixture import mixture_cases
 from .harness import Case, Settings
 
 OP = "logistic_mixture"
@@ -28,8 +26,4 @@ def cases(settings: Settings) -> list[Case]:
         per_sample, shared = [(2048, 8, 8)], []
     else:
         per_sample, shared = [(16384, 16, 32)], [(16384, 64, 32)]
-    dtypes = settings.pick_dtypes([torch.float32, torch.bfloat16] if settings.cuda else [torch.float32])
-    op = "logistic_mixture_log_prob"
-    out = [mixture_case(settings, op, _lmm, "mixture", *s, dtype, False) for dtype in dtypes for s in per_sample]
-    out += [mixture_case(settings, op, _lmm, "mixture", *s, dtype, True) for dtype in dtypes for s in shared]
-    return out
+    return mixture_cases(settings, "logistic_mixture_log_prob", _lmm, per_sample, shared)

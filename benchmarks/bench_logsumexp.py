@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Provider, Runner, Settings, element_size, op_providers, op_unavailable, randn
+from .harness import Case, Provider, Runner, Settings, element_size, op_providers, op_unavailable, randn, traffic
 
 OP = "logsumexp"
 
@@ -39,8 +39,7 @@ def _case(settings: Settings, rows: int, cols: int, dtype) -> Case:
         dtype=dtype,
         make_inputs=lambda: (randn((rows, cols), settings, dtype, scale=3.0),),
         providers=providers,
-        min_bytes={"forward": n * e + rows * e, "backward": 2 * n * e + 2 * rows * e,
-                   "forward+backward": 3 * n * e + 3 * rows * e},
+        min_bytes=traffic(n * e + rows * e, 2 * n * e + 2 * rows * e),
         unavailable=op_unavailable("logsumexp"),
     )
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Runner, Settings, element_size, op_providers, op_unavailable, randn
+from .harness import Case, Provider, Runner, Settings, element_size, op_providers, op_unavailable, randn, traffic
 
 OP = "masked_conv"
 
@@ -96,7 +96,7 @@ def _case(settings: Settings, batch: int, channels: int, size: int, k: int, mask
         dtype=dtype,
         make_inputs=make_inputs,
         providers=providers,
-        min_bytes={"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd},
+        min_bytes=traffic(fwd, bwd),
         unavailable=op_unavailable("masked_conv2d"),
     )
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Runner, Settings, element_size, op_providers, op_unavailable, randn
+from .harness import Case, Provider, Runner, Settings, element_size, op_providers, op_unavailable, randn, traffic
 
 OP = "masked_linear"
 
@@ -64,7 +64,7 @@ def _case(settings: Settings, batch: int, n_in: int, n_out: int, features: int, 
         dtype=dtype,
         make_inputs=make_inputs,
         providers=providers,
-        min_bytes={"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd},
+        min_bytes=traffic(fwd, bwd),
         unavailable=op_unavailable("masked_linear"),
     )
 

@@ -10,7 +10,8 @@ fastdensity    the public op (or module) under ``fastdensity.set_backend("triton
                kernels. CUDA only - on CPU it is reported as unavailable, never run interpreted.
 eager          the same call under ``set_backend("reference")``: the pure-PyTorch reference.
 compiled       ``torch.compile`` of that same reference call (one compiled callable per function,
-               shared by every shape, dtype and mode, so each graph compiles once).
+               shared by every shape, dtype and mode, so each graph compiles once; static shapes,
+               one graph per shape, as a training loop with fixed shapes compiles it).
 <peer>         what a user would run instead: nflows, zuko, normflows layers and flows; cuDNN dense
                convolution and a PixelCNN++-style shifted/cropped convolution for masked conv;
                cuBLAS dense matmul for masked linear. Reported as unavailable where not installed.
@@ -28,8 +29,9 @@ Each (case, provider) is measured in three **modes**:
 Figures per measurement, after warm-up (which also absorbs compilation and autotuning):
 
 * median, 20th and 80th percentile time: ``triton.testing.do_bench`` on CUDA (CUDA events, L2
-  flushed between calls); on CPU ``torch.utils.benchmark.Timer`` with all of torch's threads, the
-  percentiles taken over blocks of calls (each block ~1 ms or one call);
+  flushed between calls; ``torch.backends.cudnn.benchmark`` on, so every convolution provider runs
+  its fastest cuDNN algorithm); on CPU ``torch.utils.benchmark.Timer`` with all of torch's threads,
+  the percentiles taken over blocks of calls (each block ~1 ms or one call);
 * effective GB/s = the op's *minimum* bytes for the mode (stated in each bench module: every input
   read once, every output written once) / median time, and its share of the device-copy bandwidth
   measured in the same run (``device_copy`` row: a large ``copy_``, bytes read + written);
@@ -38,17 +40,22 @@ Figures per measurement, after warm-up (which also absorbs compilation and autot
   keeps no peak counter for CPU tensors, so on CPU the column is left empty rather than guessed.
 
 Inputs are never zeros (builders draw random values, and :func:`check_inputs` rejects an all-zero
-floating tensor), and when one input set is smaller than twice the last-level cache the harness
-builds several and rotates through them, so no call finds its inputs already cached.
+floating tensor). No call may find its inputs already cached: on CUDA ``do_bench`` flushes L2 before
+every call, so one input set suffices; on CPU, when one input set is smaller than twice the
+last-level cache, the harness builds several and rotates through them.
 
-Results go to a CSV with the columns in :data:`CSV_COLUMNS`, one row per measurement, appended as
-soon as it is taken (a run cut short keeps what it measured). Only this module writes those files.
+A time budget is shared among the ops, and within an op :data:`COMPILE_SHARE` of it is kept for
+``torch.compile`` (see :func:`run_suite`). Results go to a CSV with the columns in
+:data:`CSV_COLUMNS`, one row per measurement, appended as soon as it is taken (a run cut short keeps
+what it measured). Only this module writes those files.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import datetime as _dt
+import gc
+import io
 import itertools
 import math
 import os
@@ -63,14 +70,17 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 __all__ = [
-    "MODES", "CSV_COLUMNS", "Unavailable", "Runner", "Provider", "Case", "Settings", "Timing",
-    "Measurement", "Skip", "percentile", "timing_from_samples", "rotation_count", "check_inputs",
+    "MODES", "COMPILE_SHARE", "MAX_GRAPHS", "CSV_COLUMNS", "Unavailable", "Runner", "Provider", "Case", "Settings",
+    "Timing", "Measurement", "Skip", "percentile", "timing_from_samples", "rotation_count", "check_inputs",
     "make_timer", "device_name", "device_slug", "last_level_cache_bytes", "run_metadata",
     "ResultsWriter", "read_rows", "op_providers", "compiled", "peer", "element_size", "randn", "op_unavailable",
-    "input_sets", "make_call", "backend_context", "run_suite",
+    "traffic", "input_sets", "make_call", "backend_context", "run_suite",
 ]
 
 MODES = ("forward", "backward", "forward+backward")
+
+#: The part of each op's time budget kept for the providers that compile (see :func:`run_suite`).
+COMPILE_SHARE = 0.4
 
 #: The results file's columns, in order (issue 5). ``shape`` is a human-readable label of the case.
 CSV_COLUMNS = (
@@ -234,6 +244,11 @@ def check_inputs(inputs: Sequence[Any], where: str) -> None:
                              "must carry real values")
 
 
+def traffic(forward: float, backward: float) -> dict[str, float]:
+    """A case's ``min_bytes``: each pass's minimum bytes, forward + backward being their sum."""
+    return {"forward": forward, "backward": backward, "forward+backward": forward + backward}
+
+
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -311,12 +326,16 @@ def _git_commit() -> str:
     tracked files; ``FASTDENSITY_COMMIT`` when there is no git checkout (a copied tree)."""
     root = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
+        top, sha = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], cwd=root,
+                                  capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
+        # An installed copy (site-packages) may sit inside some other repository, e.g. a project's
+        # .venv: that repository's commit says nothing about this code.
+        if Path(top).resolve() != root:
+            raise FileNotFoundError(f"{root} is not the top of a git checkout")
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, ValueError, subprocess.SubprocessError):
         return os.environ.get("FASTDENSITY_COMMIT", "unknown")
 
 
@@ -363,11 +382,15 @@ class ResultsWriter:
             raise ValueError(f"row lacks columns {missing}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="raise")
+        if new:
+            writer.writeheader()
+        writer.writerow({c: _format(row[c]) for c in CSV_COLUMNS})
+        # One write per row, the file closed after it: a run killed between two rows (``timeout``
+        # on the GPU machine) leaves whole rows behind, never half of one.
         with open(self.path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="raise")
-            if new:
-                writer.writeheader()
-            writer.writerow({c: _format(row[c]) for c in CSV_COLUMNS})
+            f.write(text.getvalue())
 
 
 def _format(value) -> str:
@@ -404,6 +427,8 @@ def measurement_row(m: Measurement, meta: dict[str, str]) -> dict[str, Any]:
 class CudaTimer:
     """``triton.testing.do_bench`` (CUDA events, L2 flushed before each call), 20/50/80th percentiles."""
 
+    flushes_cache = True  # so the harness need not rotate input sets (see input_sets)
+
     def __init__(self, warmup_ms: float = 10.0, rep_ms: float = 50.0):
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
 
@@ -422,7 +447,10 @@ class CpuTimer:
 
     Calls are timed in blocks of about ``block_ms`` (one call per block when a call is slower), for
     at least ``min_blocks`` blocks and about ``min_run_ms`` in all; percentiles are over the blocks.
+    Caches are left as they are: the harness rotates input sets instead.
     """
+
+    flushes_cache = False
 
     def __init__(self, min_run_ms: float = 200.0, block_ms: float = 1.0, min_blocks: int = 5, max_blocks: int = 200):
         self.min_run_ms, self.block_ms, self.min_blocks, self.max_blocks = min_run_ms, block_ms, min_blocks, max_blocks
@@ -484,7 +512,10 @@ def compiled(fn: Callable) -> Callable:
 
         if hasattr(functorch_cfg, "donated_buffer"):
             functorch_cfg.donated_buffer = False
-        _COMPILED[fn] = torch.compile(fn)
+        # dynamic=False: a static graph per shape, what a training loop with fixed shapes gets. By
+        # default the second shape of a function would recompile it for any size, and the later
+        # cases would time that generic code, which can be slower than the specialised one.
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
     return _COMPILED[fn]
 
 
@@ -566,43 +597,54 @@ def _differentiable(outs) -> list[torch.Tensor]:
 
 
 def input_sets(case: Case, cache_bytes: int) -> list[tuple]:
-    """The case's input sets to rotate through: one, or as many as it takes to exceed twice the cache."""
+    """The case's input sets to rotate through: one, or as many as it takes to exceed twice the cache
+    (``cache_bytes`` = 0: the timer flushes the cache itself, one set)."""
     first = case.make_inputs()
     check_inputs(first, f"{case.op} {case.shape}")
     return [first] + [case.make_inputs() for _ in range(rotation_count(_input_bytes(first), cache_bytes) - 1)]
 
 
+#: Backward calls rotate through at most this many recorded graphs. Each holds its saved tensors,
+#: which can dwarf the inputs the rotation count was sized by (eager mixtures save [B, K, D]
+#: temporaries), and such graphs are far larger than any cache anyway.
+MAX_GRAPHS = 8
+
+
 def make_call(runner: Runner, sets: list[tuple], mode: str) -> Callable[[], Any]:
     """A zero-argument callable running ``mode`` once; each call takes the next input set in turn.
 
-    For ``backward`` the graphs are built here, once per input set, and kept (``retain_graph``) so
-    that every timed call runs the same backward; they are freed with the callable.
+    For ``backward`` the graphs are built here, one per input set (at most :data:`MAX_GRAPHS`), and
+    kept (``retain_graph``) so that every timed call runs the same backward; they are freed with the
+    callable. Gradients are returned, never accumulated into ``.grad``, so repeated calls do the same
+    work. One fixed random upstream gradient serves every set (they share their shapes).
     """
     counter = itertools.count()
-    n = len(sets)
     if mode == "forward":
-        return lambda: runner.fn(*sets[next(counter) % n])
+        return lambda: runner.fn(*sets[next(counter) % len(sets)])
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if mode == "backward":
+        sets = sets[:MAX_GRAPHS]
+    n = len(sets)
     targets = [runner.grad_targets(s) for s in sets]
     if not targets[0]:
         raise Unavailable("nothing requires grad, so there is no backward to measure")
-    graphs = [_differentiable(runner.fn(*s)) for s in sets]
+    graphs = [_differentiable(runner.fn(*s)) for s in (sets if mode == "backward" else sets[:1])]
     if not graphs[0]:
         raise Unavailable("no output requires grad")
-    upstream = [_upstream(g) for g in graphs]
+    upstream = _upstream(graphs[0])
     if mode == "backward":
         def backward():
             i = next(counter) % n
-            return torch.autograd.grad(graphs[i], targets[i], upstream[i], retain_graph=True, allow_unused=True)
+            return torch.autograd.grad(graphs[i], targets[i], upstream, retain_graph=True, allow_unused=True)
 
         return backward
-    if mode != "forward+backward":
-        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
-    del graphs  # only their shapes were needed, for the upstream gradients
+    del graphs  # forward+backward records its own graph each call; this one only gave the shapes
 
     def step():
         i = next(counter) % n
         outs = _differentiable(runner.fn(*sets[i]))
-        return torch.autograd.grad(outs, targets[i], upstream[i], allow_unused=True)
+        return torch.autograd.grad(outs, targets[i], upstream, allow_unused=True)
 
     return step
 
@@ -659,9 +701,13 @@ def run_suite(
 
     Each op gets an equal share of the time still left when it starts (time an op leaves unused
     passes to the next). Within an op, the non-compiling providers of every case run first, then
-    the compiling ones, each only while ``compile_reserve_s`` seconds (default: 10 quick, 30 full)
-    are left of the op's share: a compilation cannot be stopped once started. Whatever the budget
-    leaves out is reported as a ``budget`` skip. Rows go to ``writer`` as they are measured.
+    the compiling ones, each only while ``compile_reserve_s`` seconds (default: 30 for a full CPU
+    run, where Inductor compiles C++; 10 otherwise) are left of the op's share: a compilation cannot
+    be stopped once started. Where ``COMPILE_SHARE`` of the op's share is at least that reserve, the
+    non-compiling providers stop when only that part is left, so that it goes to compilation. Whatever
+    the budget leaves out is reported as a ``budget`` skip. Rows go to ``writer`` as they are
+    measured; without a progress bar every row and skip is also logged as it happens, so a run that
+    is killed still says what it did.
     """
     from tqdm.auto import tqdm
 
@@ -682,8 +728,9 @@ def run_suite(
         writer.append(copy_row)
     log(f"device copy bandwidth: {result.copy_gbps:.1f} GB/s (read + write, {copy_bytes / 2**20:.0f} MiB)")
 
-    cache = last_level_cache_bytes(device)
-    reserve = compile_reserve_s if compile_reserve_s is not None else (10.0 if quick else 30.0)
+    cache = 0 if getattr(timer, "flushes_cache", False) else last_level_cache_bytes(device)
+    if compile_reserve_s is None:
+        compile_reserve_s = 30.0 if device.type == "cpu" and not quick else 10.0
     plan: list[tuple[str, list[tuple[Case, Provider]]]] = []
     for op, cases in cases_by_op.items():
         pairs = []
@@ -700,33 +747,64 @@ def run_suite(
 
     total = sum(len(case_modes(c)) for _, pairs in plan for c, _ in pairs)
     bar = tqdm(total=total, desc="bench", unit="meas", disable=not progress, leave=False)
+    echo = (lambda text: None) if progress else log
 
     def skip(case: Case, provider: str, mode_list, kind: str, reason: str) -> None:
         for mode in mode_list:
             result.skips.append(Skip(case.op, case.shape, _dtype_name(case.dtype), provider, mode, kind, reason))
+            echo(f"not measured: {result.skips[-1]}")
         bar.update(len(mode_list))
 
-    for index, (op, pairs) in enumerate(plan):
-        now = time.perf_counter()
-        op_deadline = now + (deadline - now) / (len(plan) - index) if math.isfinite(deadline) else math.inf
-        for case, provider in pairs:
-            mode_list = case_modes(case)
-            if case.unavailable:
-                skip(case, provider.name, mode_list, "unavailable", case.unavailable)
-                continue
-            bar.set_postfix_str(f"{case.op} {case.shape} {provider.name}"[:60])
-            need = provider.compile_reserve_s if provider.compile_reserve_s is not None else reserve
-            _measure(case, provider, mode_list, device=device, timer=timer, cache=cache,
-                     copy_gbps=result.copy_gbps, op_deadline=op_deadline, reserve=need if provider.compiles else 0.0,
-                     meta=meta, result=result, writer=writer, skip=skip, bar=bar)
-    bar.close()
+    def reserve_of(provider: Provider) -> float:
+        if not provider.compiles:
+            return 0.0
+        return compile_reserve_s if provider.compile_reserve_s is None else provider.compile_reserve_s
+
+    def record(row: dict[str, Any]) -> None:
+        result.rows.append(row)
+        if writer is not None:
+            writer.append(row)
+        echo(f"{row['op']} {row['shape']} {row['dtype']} {row['provider']} {row['mode']}: "
+             f"median {row['median_ms']:.4g} ms")
+        bar.update(1)
+
+    # On a GPU every convolution provider (eager, compiled, the dense peers, the op's own cuDNN
+    # candidate) gets cuDNN's fastest algorithm for its shape, searched during the warm-up, as a
+    # tuned training script would; heuristics alone could flatter the masked kernels.
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark or device.type == "cuda"
+    try:
+        for index, (op, pairs) in enumerate(plan):
+            now = time.perf_counter()
+            share = (deadline - now) / (len(plan) - index)
+            op_deadline = now + share
+            # Measured last, torch.compile would otherwise get only what the others leave, often
+            # nothing; its part is kept only where it is enough to start a compilation at all.
+            needs = [reserve_of(p) for c, p in pairs if p.compiles and not c.unavailable]
+            keep = COMPILE_SHARE * share if needs and COMPILE_SHARE * share >= min(needs) else 0.0
+            split = op_deadline - keep if math.isfinite(op_deadline) else op_deadline
+            for case, provider in pairs:
+                mode_list = case_modes(case)
+                if case.unavailable:
+                    skip(case, provider.name, mode_list, "unavailable", case.unavailable)
+                    continue
+                bar.set_postfix_str(f"{case.op} {case.shape} {provider.name}"[:60])
+                spent = ("time budget of this op spent" if provider.compiles or not keep else
+                         "this op's time for providers that do not compile is spent (the rest is torch.compile's)")
+                _measure(case, provider, mode_list, device=device, timer=timer, cache=cache,
+                         copy_gbps=result.copy_gbps, deadline=op_deadline if provider.compiles else split,
+                         spent=spent, reserve=reserve_of(provider), meta=meta, record=record, skip=skip)
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        bar.close()
     return result
 
 
-def _measure(case, provider, mode_list, *, device, timer, cache, copy_gbps, op_deadline, reserve, meta, result,
-             writer, skip, bar) -> None:
-    """Measure one (case, provider) in each mode: build it (unavailable ones say why), then, while the
-    op's budget allows (``reserve`` seconds of it for a provider that compiles), time each mode."""
+def _measure(case, provider, mode_list, *, device, timer, cache, copy_gbps, deadline, spent, reserve, meta,
+             record, skip) -> None:
+    """Measure one (case, provider) in each mode: build it (unavailable ones say why), then, while
+    time is left before ``deadline`` (``reserve`` seconds of it for a provider that compiles), time
+    each mode and ``record`` its row; past the deadline, skip with the reason ``spent``."""
     def failed(modes, exc: BaseException) -> None:
         if isinstance(exc, Unavailable):
             skip(case, provider.name, modes, "unavailable", str(exc))
@@ -741,9 +819,9 @@ def _measure(case, provider, mode_list, *, device, timer, cache, copy_gbps, op_d
     except Exception as exc:
         failed(mode_list, exc)
         return
-    left = op_deadline - time.perf_counter()
+    left = deadline - time.perf_counter()
     if left <= 0 or left < reserve:
-        skip(case, provider.name, mode_list, "budget", "time budget of this op spent" if left <= 0 else
+        skip(case, provider.name, mode_list, "budget", spent if left <= 0 else
              f"under {reserve:.0f} s of this op's budget left, too little to compile")
         return
     try:
@@ -753,9 +831,10 @@ def _measure(case, provider, mode_list, *, device, timer, cache, copy_gbps, op_d
         return
     with backend_context(provider.backend):
         for mode in mode_list:
-            if time.perf_counter() >= op_deadline:
-                skip(case, provider.name, [mode], "budget", "time budget of this op spent")
+            if time.perf_counter() >= deadline:
+                skip(case, provider.name, [mode], "budget", spent)
                 continue
+            done = False
             try:
                 call = make_call(runner, sets, mode)
                 for _ in range(3):  # warm-up: compilation, autotuning, allocator growth
@@ -763,17 +842,19 @@ def _measure(case, provider, mode_list, *, device, timer, cache, copy_gbps, op_d
                 timer.sync()
                 timing = timer(call)
                 peak = _peak_memory_mb(call, device)
+                done = True
             except Exception as exc:
                 failed([mode], exc)
                 continue
             finally:
                 call = None  # frees the graphs a backward callable holds
                 if device.type == "cuda":
+                    # A failed call's frames can keep tensors alive in reference cycles; after running
+                    # out of memory they would make the next case run out of memory too.
+                    if not done:
+                        gc.collect()
                     torch.cuda.empty_cache()
             nbytes = case.min_bytes.get(mode)
             gbps = nbytes / (timing.median_ms * 1e-3) / 1e9 if nbytes else float("nan")
-            row = measurement_row(Measurement(case, provider.name, mode, timing, gbps, gbps / copy_gbps, peak), meta)
-            result.rows.append(row)
-            if writer is not None:
-                writer.append(row)
-            bar.update(1)
+            record(measurement_row(Measurement(case, provider.name, mode, timing, gbps, gbps / copy_gbps, peak),
+                                   meta))

@@ -1,10 +1,12 @@
 """Tables and plots drawn from results CSVs - never from anything else.
 
-For each (device, op, shape, dtype, mode) the latest row of every provider is kept (by the ``date``
-column, the run's start). The **subject** of a comparison is ``fastdensity`` where it was measured;
-on a machine without a GPU, where fastdensity runs its reference path, it is ``eager`` and the
-tables say so. Speed-up = other provider's median time / the subject's, so above 1 the subject is
-faster; losses are printed as plainly as wins (``0.71x slower``, in bold in Markdown).
+For each (device, op, shape, dtype, mode) the rows of the newest run that measured it are kept (runs
+are told apart by the ``date`` column, the run's start), so a speed-up never divides figures from two
+runs, and a later run of some ops updates those and leaves the others be. The **subject** of a
+comparison is ``fastdensity`` where it was measured; on a machine without a GPU, where fastdensity
+runs its reference path, it is ``eager`` and the tables say so. Speed-up = other provider's median
+time / the subject's, so above 1 the subject is faster; losses are printed as plainly as wins
+(``0.71x slower``, in bold in Markdown).
 
 Command line (writes ``<slug>.md``, ``speedup-<slug>.png`` and, where peak memory was measured,
 ``memory-<slug>.png`` next to the CSV or into ``--out``)::
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -45,13 +48,22 @@ def _num(value: str) -> float:
         return math.nan
 
 
+def _group(row: dict) -> tuple:
+    return row["device"], row["op"], row["shape"], row["dtype"], row["mode"]
+
+
 def latest(rows: Iterable[dict]) -> list[dict]:
-    """The newest row per (device, op, shape, dtype, mode, provider); later rows win ties."""
+    """The rows of the newest run in each (device, op, shape, dtype, mode), one per provider (a later
+    row of the same run wins). Older runs' rows of that group are dropped even for providers the
+    newest run did not measure: their figures came from other code, versions or machine state."""
+    rows = list(rows)
+    newest: dict[tuple, str] = {}
+    for row in rows:
+        newest[_group(row)] = max(row["date"], newest.get(_group(row), ""))
     best: dict[tuple, dict] = {}
     for row in rows:
-        key = (row["device"], row["op"], row["shape"], row["dtype"], row["mode"], row["provider"])
-        if key not in best or row["date"] >= best[key]["date"]:
-            best[key] = row
+        if row["date"] == newest[_group(row)]:
+            best[(*_group(row), row["provider"])] = row
     return list(best.values())
 
 
@@ -66,7 +78,7 @@ def comparisons(rows: Iterable[dict], modes: Sequence[str] | None = None) -> lis
     for row in latest(rows):
         if row["op"] == "device_copy" or (modes and row["mode"] not in modes):
             continue
-        key = (row["device"], row["op"], row["shape"], row["dtype"], row["mode"])
+        key = _group(row)
         if key not in groups:
             order.append(key)
         groups[key][row["provider"]] = row
@@ -153,21 +165,23 @@ def _table_rows(comps: list[dict], markdown: bool) -> tuple[list[str], list[list
 
 
 def _devices_note(comps: list[dict], rows: list[dict]) -> str:
-    meta: dict[str, dict] = {}  # the newest row of each device: its run's versions and commit
-    for row in rows:
-        if row["device"] not in meta or row["date"] > meta[row["device"]]["date"]:
-            meta[row["device"]] = row
+    """One line per (device, run) the table draws on: versions, commit, the run's copy bandwidth."""
+    run_row = {(r["device"], r["date"]): r for r in rows}  # every row of a run carries its versions
+    copies = {(r["device"], r["date"]): r for r in rows if r["op"] == "device_copy"}
+    runs: dict[str, set[str]] = defaultdict(set)
+    for c in comps:
+        runs[c["device"]].update(row["date"] for row in c["by"].values())
     parts = []
-    for device in dict.fromkeys(c["device"] for c in comps):
-        r = meta[device]
+    for device, dates in runs.items():
         subjects = {c["subject"] for c in comps if c["device"] == device}
         who = ("fastdensity = the Triton kernels" if "fastdensity" in subjects else
                "no fastdensity rows (kernels need a GPU): the subject is eager, the reference path fastdensity "
                "runs on CPU")
-        copy = next((x for x in latest(rows) if x["device"] == device and x["op"] == "device_copy"), None)
-        copy_txt = f", device copy {float(copy['gbps']):.0f} GB/s" if copy else ""
-        parts.append(f"{device}: torch {r['torch']}, Triton {r['triton']}, commit {r['commit']}, "
-                     f"latest run {r['date']}{copy_txt}; {who}.")
+        for date in sorted(dates, reverse=True):
+            r, copy = run_row[(device, date)], copies.get((device, date))
+            copy_txt = f", device copy {float(copy['gbps']):.0f} GB/s" if copy else ""
+            parts.append(f"{device}: torch {r['torch']}, Triton {r['triton']}, commit {r['commit']}, "
+                         f"run {date}{copy_txt}; {who}.")
     return "\n".join(f"- {p}" for p in parts)
 
 
@@ -250,11 +264,7 @@ def plot(rows: list[dict], out_dir: Path, slug: str, mode: str = "forward+backwa
     ax.set_title(f"{comps[0]['device']}, {mode}\nsubject: {'/'.join(subject_names)} "
                  "(above 1 it is faster, below 1 slower)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / f"speedup-{slug}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, out_dir / f"speedup-{slug}.png"))
 
     mem = [c for c in comps if math.isfinite(_num(c["by"][c["subject"]]["peak_mem_mb"]))]
     if mem:
@@ -272,17 +282,23 @@ def plot(rows: list[dict], out_dir: Path, slug: str, mode: str = "forward+backwa
         ax.set_xticklabels([_label(c) for c in mem], fontsize=6, rotation=90)
         ax.set_title(f"{mem[0]['device']}, {mode}: peak memory", fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"memory-{slug}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / f"memory-{slug}.png"))
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def render(csv_paths: Sequence[Path], out_dir: Path | None = None, readme: Path | None = None,
            mode: str = "forward+backward") -> list[Path]:
-    """Markdown (all modes) and plots for each CSV; the README block gets ``mode``'s table of all CSVs."""
+    """Markdown (all modes) and plots for each CSV; the README block gets ``mode``'s table of all CSVs.
+    Without matplotlib the plots are left out (with a note on stderr) and the rest is still written."""
     written = []
     all_rows = []
     for csv_path in csv_paths:
@@ -295,7 +311,10 @@ def render(csv_paths: Sequence[Path], out_dir: Path | None = None, readme: Path 
         md.write_text(f"# Benchmark results: {slug}\n\nGenerated by `python -m fastdensity.benchmarks.report` "
                       f"from `{Path(csv_path).name}`; do not edit.\n\n" + markdown_table(rows), encoding="utf-8")
         written.append(md)
-        written += plot(rows, target, slug, mode)
+        try:
+            written += plot(rows, target, slug, mode)
+        except ImportError as exc:  # the table is the result; plots are an extra (pip install matplotlib)
+            print(f"no plots for {slug}: {exc}", file=sys.stderr)
     if readme is not None:
         update_readme(readme, markdown_table(all_rows, [mode]))
         written.append(readme)

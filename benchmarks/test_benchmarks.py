@@ -46,10 +46,12 @@ def test_benchmark(benchmark, case, provider, mode):
     with harness.backend_context(provider.backend):
         try:
             call = harness.make_call(runner, sets, mode)
+            for _ in range(3):  # warm-up: compilation, autotuning
+                call()
         except harness.Unavailable as exc:
             pytest.skip(str(exc))
-        for _ in range(3):  # warm-up: compilation, autotuning
-            call()
+        except torch.OutOfMemoryError:  # a result (eager mixtures at the largest shapes), not a failure
+            pytest.skip("out of memory")
         if DEVICE.type == "cuda":
             def timed():
                 call()

@@ -3,9 +3,11 @@
 =============  ===================================================================================
 backend        what runs
 =============  ===================================================================================
-``auto``       CUDA tensors and importable kernels -> the kernels; anything else -> the reference.
-``triton``     always the kernels. CUDA tensors run compiled; CPU tensors run under Triton's
-               interpreter (slow; for testing the kernels' own code on machines without a GPU).
+``auto``       CUDA tensors and importable kernels -> the kernels; anything else (and everything
+               when the kernels run interpreted) -> the reference.
+``triton``     always the kernels. CUDA tensors run them compiled; CPU tensors under Triton's
+               interpreter, which must then have been chosen (slow; for testing the kernels' own
+               code on machines without a GPU).
 ``reference``  always the pure-PyTorch reference (``fastdensity.reference``).
 =============  ===================================================================================
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
@@ -216,7 +217,7 @@ class TwoMoons(_CurveMixture):
 
 
 class Rings(_CurveMixture):
-    """Four concentric rings (radii 0.75, 1.5, 2.25, 3), equally weighted, radial noise std 0.1.
+    """Four concentric rings (radii 0.75, 1.5, 2.25, 3), equally weighted, isotropic noise std 0.1.
 
     Closed form: for a ring of radius R, ``p(x) = exp(-(r - R)^2 / 2s^2) i0e(r R / s^2) / (2 pi s^2)``
     with r = |x| and i0e the exponentially scaled Bessel function I0 (no overflow for thin rings).
@@ -319,14 +320,17 @@ def load_data(source: str, *, split_seed: int = 0) -> Data:
 
 
 def _split(x: torch.Tensor, seed: int, fractions=(0.8, 0.1, 0.1)) -> tuple[torch.Tensor, ...]:
+    """A random partition of the rows of ``x`` (seeded) into ``len(fractions)`` parts.
+
+    Every part after the first gets ``round(f * N)`` rows but at least one; the first gets the rest.
+    """
     n = x.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_valid, n_test = max(1, round(fractions[1] * n)), max(1, round(fractions[2] * n))
-    n_train = n - n_valid - n_test
-    if n_train < 1:
-        raise ValueError(f"data has {n} examples; need at least 3 to form train/validation/test splits")
-    idx = perm[:n_train], perm[n_train:n_train + n_valid], perm[n_train + n_valid:]
-    return tuple(x[i] for i in idx)
+    rest = [max(1, round(f * n)) for f in fractions[1:]]
+    if n - sum(rest) < 1:
+        raise ValueError(f"data has {n} examples; need at least {len(fractions)} to form "
+                         f"{'/'.join(('train', 'validation', 'test')[:len(fractions)])} splits")
+    return tuple(x[i] for i in perm.split([n - sum(rest), *rest]))
 
 
 def _digits(split_seed: int) -> Data:
@@ -357,25 +361,23 @@ def _load_arrays(path: str) -> dict:
         # NumPy would try to unpickle such a file; fastdensity never does.
         raise ValueError(f"data file {path!r} is not a NumPy .npy/.npz file (no {ext} header); "
                          "write it with np.save / np.savez")
-    unsafe = (f"data file {path!r} holds pickled Python objects, which fastdensity never loads (unsafe); "
-              "save plain numeric arrays with np.save(path, array) or np.savez(path, train=...)")
+
+    def refused(exc: Exception) -> ValueError:
+        # NumPy reports an object array under allow_pickle=False as a ValueError that mentions pickles.
+        if isinstance(exc, ValueError) and "pickle" in str(exc).lower():
+            return ValueError(f"data file {path!r} holds pickled Python objects, which fastdensity never loads "
+                              "(unsafe); save plain numeric arrays with np.save(path, array) or "
+                              "np.savez(path, train=...)")
+        return ValueError(f"data file {path!r} could not be read as a NumPy {ext} file: {exc}")
+
     try:
         loaded = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise ValueError(unsafe) from exc
-        raise ValueError(f"data file {path!r} could not be read as a NumPy array: {exc}") from exc
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"data file {path!r} could not be read as a NumPy file: {exc}") from exc
-    if isinstance(loaded, np.ndarray):
-        return {"data": loaded}
-    with loaded:
-        try:
+        if isinstance(loaded, np.ndarray):
+            return {"data": loaded}
+        with loaded:  # an .npz archive: its arrays are read (and refused) one by one
             return {k: loaded[k] for k in loaded.files}
-        except ValueError as exc:
-            if "pickle" in str(exc).lower():
-                raise ValueError(unsafe) from exc
-            raise ValueError(f"data file {path!r} could not be read as a NumPy archive: {exc}") from exc
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise refused(exc) from exc
 
 
 def _check_array(path: str, key: str, a: np.ndarray) -> np.ndarray:
@@ -411,12 +413,14 @@ def _from_file(path: str, split_seed: int) -> Data:
             if a.shape[1:] != parts["train"].shape[1:] or a.dtype.kind != parts["train"].dtype.kind:
                 raise ValueError(f"array {k!r} in {path!r} has shape {a.shape} ({a.dtype}); it must match "
                                  f"'train', {parts['train'].shape} ({parts['train'].dtype}), beyond the first dim")
-        if "valid" not in parts or "test" not in parts:
-            # Carve the missing split(s) out of train, 80/10/10 as for a single array.
-            train, valid, test = _split(torch.from_numpy(np.ascontiguousarray(parts["train"])), split_seed)
-            parts["train"] = train.numpy()
-            parts.setdefault("valid", valid.numpy())
-            parts.setdefault("test", test.numpy())
+        missing = [k for k in ("valid", "test") if k not in parts]
+        if missing:
+            # Carve only the missing split(s) out of train: 80/10/10 as for a single array when both are
+            # missing, 90/10 when one is (no rows of train are dropped).
+            fractions = (0.8, 0.1, 0.1) if len(missing) == 2 else (0.9, 0.1)
+            pieces = _split(torch.from_numpy(np.ascontiguousarray(parts["train"])), split_seed, fractions)
+            parts["train"] = pieces[0].numpy()
+            parts.update((k, piece.numpy()) for k, piece in zip(missing, pieces[1:]))
         arrs = [parts["train"], parts["valid"], parts["test"]]
     else:
         if len(arrays) != 1:
@@ -460,10 +464,11 @@ class Preprocess:
 
 
 class Identity(Preprocess):
-    """No preprocessing: continuous data, or discrete data for a discrete model (as float levels)."""
+    """No preprocessing: continuous data, or discrete data for a discrete model (levels passed as they
+    are, in their integer dtype: a discrete model indexes with them, and uint8 moves 4x fewer bytes)."""
 
     def encode(self, x, generator=None):
-        return x.float() if not x.is_floating_point() else x, x.new_zeros(x.shape[0], dtype=torch.float32)
+        return x, torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
 
     def decode(self, y):
         return y
@@ -491,7 +496,9 @@ class Dequantize(Preprocess):
         self.alpha = None if logit_alpha is None else float(logit_alpha)
 
     def encode(self, x, generator=None):
-        u = torch.rand(x.shape, generator=generator, device="cpu" if generator is not None else x.device,
+        # The noise is drawn where the generator lives (a CPU generator gives the same noise for data on
+        # any device), then moved to the data.
+        u = torch.rand(x.shape, generator=generator, device=generator.device if generator is not None else x.device,
                        dtype=torch.float32).to(x.device)
         y = (x.float() + u) / self.levels
         dims = tuple(range(1, x.dim()))

@@ -14,7 +14,8 @@ rewritten atomically (a temporary file in the same folder, then ``os.replace``) 
 other processes wrote meanwhile, so concurrent jobs never leave a torn file. A missing, unreadable or
 corrupt file is treated as empty; a folder that cannot be written to keeps the cache in memory only.
 
-Every key is stored together with the torch and Triton versions, so upgrading either re-measures.
+Every key is stored together with the fastdensity, torch and Triton versions, so upgrading any of
+them (a faster kernel, a new cuDNN) re-measures.
 Callers put whatever else decides the ranking into the key (shapes, dtype, layout, device name, ...).
 
 ``FASTDENSITY_AUTOTUNE=0`` (or ``false``/``off``/``no``) turns measuring off: :meth:`CachedAutotuner.choose`
@@ -115,8 +116,10 @@ class CachedAutotuner:
 
     @staticmethod
     def key_string(key: Mapping[str, object]) -> str:
-        """The canonical text of ``key`` (JSON, sorted, with the torch and Triton versions added)."""
-        full = {**key, "torch": torch.__version__, "triton": _triton_version()}
+        """The canonical text of ``key`` (JSON, sorted, with the library versions added)."""
+        from fastdensity import __version__  # here, not at the top: fastdensity imports us before defining it
+
+        full = {**key, "fastdensity": __version__, "torch": torch.__version__, "triton": _triton_version()}
         return json.dumps(full, sort_keys=True, separators=(",", ":"), default=str)
 
     def lookup(self, key: Mapping[str, object]) -> Optional[str]:

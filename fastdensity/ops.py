@@ -7,6 +7,8 @@ are differentiable in every input and compile under ``torch.compile(fullgraph=Tr
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import backend
@@ -38,7 +40,7 @@ def affine_coupling(
         scale: ``"sigmoid"`` (s = sigmoid(h + 2) + 1e-3, Glow/nflows), ``"exp"`` (s = exp(h)),
             ``"softclamp"`` (s = exp(c tanh(h / c))) or ``"additive"`` (s = 1, NICE).
         inverse: compute ``x = (y - shift) / s`` from ``y`` (passed as ``x``) instead.
-        clamp: ``c`` of "softclamp": |log s| stays below it.
+        clamp: ``c`` of "softclamp", positive and finite: |log s| stays below it.
 
     Returns:
         ``(y, logdet)``: y [B, ...] like x; logdet [B] = sum of log s over all non-batch dims
@@ -52,6 +54,8 @@ def affine_coupling(
         if scale_raw is None:
             raise ValueError(f"scale_raw is required for scale={scale!r} (only 'additive' has no scale)")
         tensors["scale_raw"] = check_tensor("scale_raw", scale_raw)
+    if scale == "softclamp" and not 0.0 < float(clamp) < math.inf:
+        raise ValueError(f"clamp must be a positive finite number for scale='softclamp'; got {clamp!r}")
     check_same(tensors)
     if backend.use_kernels(x, "coupling"):
         return torch.ops.fastdensity.affine_coupling(x, shift, scale_raw, scale, bool(inverse), float(clamp))

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
@@ -47,10 +46,14 @@ from . import data as fdata
 from .models import MODELS, DensityModel, build_model
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train", "evaluate", "load_checkpoint", "model_from_checkpoint",
-           "save_samples_png", "save_density_png", "CHECKPOINT_NAME"]
+           "initial_model", "resolve_device", "save_samples_png", "save_density_png", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "fastdensity-checkpoint-1"
+
+#: The dequantization noise that scores a split is seeded by the run's seed plus this offset, in training
+#: and in ``fastdensity evaluate`` alike, so that evaluating a checkpoint reproduces the reported figures.
+EVAL_SEED_OFFSET = {"valid": 1, "test": 2, "train": 3}
 
 
 class TrainingDiverged(RuntimeError):
@@ -218,15 +221,27 @@ def _setup_distributed(device: str) -> _Dist:
     return _Dist(rank=rank, world=world, local_rank=local, owns_group=owns)
 
 
-def _resolve_device(device: str, d: _Dist) -> torch.device:
+def resolve_device(device: str, local_rank: Optional[int] = None) -> torch.device:
+    """The ``torch.device`` for ``--device`` (``auto``: CUDA when available, else CPU).
+
+    ``local_rank`` (a distributed run) picks ``cuda:local_rank`` for a plain ``cuda``. A name PyTorch
+    does not know, or CUDA where there is none, is a ValueError that says what to use instead.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name PyTorch knows; use auto, cpu, cuda or cuda:N") \
+            from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
-        if d.world > 1 and dev.index is None:
-            dev = torch.device("cuda", d.local_rank)
+        if dev.index is None and local_rank is not None:
+            dev = torch.device("cuda", local_rank)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} was asked for but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
     return dev
 
 
@@ -236,10 +251,24 @@ def _resolve_device(device: str, d: _Dist) -> torch.device:
 
 
 def _atomic_write(path: str, write) -> None:
-    """``write(file_object)`` into a temporary file next to ``path``, fsync, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """``write(file_object)`` into a temporary file next to ``path``, fsync, then rename over ``path``.
+
+    A kill at any moment leaves the old file or the new one, never a mixture; a failing ``write``
+    leaves the old one and no temporary file. The temporary file is created like ``open(path, "wb")``
+    would create ``path``, mode 0o666 less the umask (``tempfile.mkstemp`` would make it 0o600, and the
+    renamed checkpoint, metrics and PNGs unreadable to anyone else). The directory is fsynced after the
+    rename so that the new name, not only the new bytes, survives a power cut.
+    """
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
+    while True:
+        tmp = os.path.join(directory, f".tmp-{os.path.basename(path)}-{os.urandom(6).hex()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:  # another writer's temporary name: draw again
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -250,6 +279,21 @@ def _atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Flush a directory's entries to disk (POSIX); best effort, as some file systems refuse it."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _save_checkpoint(path, *, config, model, optimizer, step, data, preprocess, elapsed, train_nll):
@@ -451,6 +495,41 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, p
             dist.destroy_process_group()
 
 
+def initial_model(config: TrainConfig, data: fdata.Data, model_args: dict, device="cpu", *,
+                  initialize: bool = True) -> tuple[DensityModel, fdata.Preprocess]:
+    """The model as training starts it (in training mode, on ``device``), and its preprocessing.
+
+    Weights come from ``torch.manual_seed(config.seed)``, so every rank of a distributed run builds the
+    same ones; with ``initialize`` the data-dependent initialisation (ActNorm statistics, k-means++)
+    runs on a fixed batch of ``max(batch_size, 1024)`` training examples drawn from the seed, on
+    ``device``. ``config`` must have its defaults resolved (:func:`resolve_defaults`).
+    """
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, data.shape, **model_args).to(device)
+    preprocess = preprocess_for(model, data, config.logit_alpha)
+    if initialize:
+        index = torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(
+            _mix(config.seed, 0x1517)))[:max(config.batch_size, 1024)]
+        y0, _ = preprocess.encode(data.train[index], torch.Generator().manual_seed(_mix(config.seed, 0x1518)))
+        model.initialize(y0.to(device))
+    return model.train(), preprocess
+
+
+def _log_lines_through(path: str, step: int) -> list[str]:
+    """The lines of ``log.jsonl`` for steps <= ``step``; a line a crash cut short (it does not parse) is
+    dropped rather than stopping the resume."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
 def _train(config: TrainConfig, resume: bool, progress: bool, plots: bool, d: _Dist) -> dict:
     ckpt = None
     if resume:
@@ -469,27 +548,18 @@ def _train(config: TrainConfig, resume: bool, progress: bool, plots: bool, d: _D
     data = fdata.load_data(config.data, split_seed=config.split_seed)
     model_args = model_args_for(config.model, data, config.model_args)
     config = resolve_defaults(config, data)
-    device = _resolve_device(config.device, d)
+    device = resolve_device(config.device, d.local_rank if d.world > 1 else None)
     if device.type == "cpu":
         _set_cpu_threads(config.threads, data)
     if config.batch_size % d.world:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes, {d.world}")
 
-    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP broadcasts them anyway)
-    model = build_model(config.model, data.shape, **model_args)
-    preprocess = preprocess_for(model, data, config.logit_alpha)
+    model, preprocess = initial_model(config, data, model_args, device, initialize=ckpt is None)
     batches = Batches(data.train.shape[0], config.batch_size, config.seed)
     start_step, elapsed, smooth = 0, 0.0, None
     if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
         start_step, elapsed, smooth = int(ckpt["step"]), float(ckpt["elapsed"]), ckpt.get("train_nll_ema")
-    else:
-        # Data-dependent initialisation on a fixed batch drawn from the seed, identical on every rank.
-        init_idx = torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(
-            _mix(config.seed, 0x1517)))[:max(config.batch_size, 1024)]
-        y0, _ = preprocess.encode(data.train[init_idx], torch.Generator().manual_seed(_mix(config.seed, 0x1518)))
-        model.initialize(y0)
-    model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -524,8 +594,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, plots: bool, d: _D
                 os.remove(os.path.join(out, name))
     if ckpt is not None and d.main and os.path.exists(history_path):
         # A killed run may have logged evaluations past its last checkpoint; they are redone now.
-        with open(history_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        kept = _log_lines_through(history_path, start_step)
         _atomic_write(history_path, lambda f: f.write("".join(kept).encode()))
     valid_nll = None
     t0 = time.perf_counter()
@@ -560,7 +629,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, plots: bool, d: _D
                     post["valid"] = f"{valid_nll:.4f}"
                 bar.set_postfix(post, refresh=False)
             if done % config.eval_every == 0 or done == config.steps:
-                valid = evaluate(model, data.valid, data, preprocess, device=device, seed=config.seed + 1, _dist=d)
+                valid = evaluate(model, data.valid, data, preprocess, device=device,
+                                 seed=config.seed + EVAL_SEED_OFFSET["valid"], _dist=d)
                 valid_nll = valid["nll"]
                 if d.main:
                     record = {"step": done, "train_nll": smooth, "valid_nll": valid_nll,
@@ -581,7 +651,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, plots: bool, d: _D
             bar.close()
     seconds = elapsed + time.perf_counter() - t0
 
-    test = evaluate(model, data.test, data, preprocess, device=device, seed=config.seed + 2, _dist=d)
+    test = evaluate(model, data.test, data, preprocess, device=device, seed=config.seed + EVAL_SEED_OFFSET["test"],
+                    _dist=d)
     metrics = {
         "model": config.model, "data": data.name, "test_nll": test["nll"], "test_nll_stderr": test["nll_stderr"],
         "bits_per_dim": test["bits_per_dim"], "nll_kind": nll_kind(model, data),
@@ -631,12 +702,11 @@ def _write_plots(model, data, preprocess, config, out, d):
     except ImportError:
         _log("  (no PNGs: matplotlib is not installed; pip install \"fastdensity[plot]\")", d)
         return
-    gen_state = torch.get_rng_state()
-    torch.manual_seed(_mix(config.seed, 0x5A3B))  # samples do not disturb the training RNG stream
-    try:
+    device = next(model.parameters()).device
+    # The draw is seeded, and the global RNG streams (CPU and the model's GPU) are restored after it.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(_mix(config.seed, 0x5A3B))
         samples = draw_samples(model, preprocess, config.num_samples)
-    finally:
-        torch.set_rng_state(gen_state)
     save_samples_png(samples, os.path.join(out, "samples.png"), title=f"{config.model} samples ({data.name})")
     written = ["samples.png"]
     if data.density is not None or (not data.is_image and data.dim == 2):

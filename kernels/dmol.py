@@ -190,6 +190,71 @@ def _pixel_block(pid, n_blocks, HW, W, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _pixel_values(xp, s_xc, mask, RGB: tl.constexpr, ACC: tl.constexpr):
+    """x_R, x_G, x_B of a block of pixels (``xp`` points at channel 0); one channel: x_0 three times."""
+    x0 = tl.load(xp, mask=mask, other=0.0).to(ACC)
+    x1 = x0
+    x2 = x0
+    if RGB:  # s_xc + s_xc rather than 2 * s_xc: an int32 stride times 2 could wrap
+        x1 = tl.load(xp + s_xc, mask=mask, other=0.0).to(ACC)
+        x2 = tl.load(xp + s_xc + s_xc, mask=mask, other=0.0).to(ACC)
+    return x0, x1, x2
+
+
+@triton.jit
+def _load_next(q, s_group, mask, ACC: tl.constexpr):
+    """The parameter group after the one ``q`` points at, and a pointer to it. Groups are walked by
+    pointer increments, which never overflow, whatever the size of one image's parameters."""
+    q += s_group
+    return tl.load(q, mask=mask, other=0.0).to(ACC), q
+
+
+@triton.jit
+def _component(q, s_group, x0, x1, x2, mask, RGB: tl.constexpr, H: tl.constexpr, EDGE: tl.constexpr,
+               LOG_HALF_LEVELS: tl.constexpr, SERIES_TERMS: tl.constexpr, ACC: tl.constexpr):
+    """One mixture component at a block of pixels; ``q`` points at its logit, its other parameter groups
+    (R means, log-scales, coefficients, then G's, then B's) follow ``s_group`` = K channels apart.
+
+    Returns ``(logit, lp, dd0, dls0, dd1, dls1, dd2, dls2, c0, dc0, c1, dc1, c2, dc2)``: lp = sum_c
+    log P(x_c | component), per channel lp' and dlp (``_channel_terms``), and the coupling coefficients
+    c_i = tanh(alpha_i) with 1 - c_i^2. One channel: the G and B terms are zeros. The forward uses only
+    ``logit`` and ``lp``; the compiler drops the rest there.
+    """
+    logit = tl.load(q, mask=mask, other=0.0).to(ACC)
+    mu0, q = _load_next(q, s_group, mask, ACC)
+    ls0, q = _load_next(q, s_group, mask, ACC)
+    lp, dd0, dls0 = _channel_terms(x0, mu0, ls0, x0 < -EDGE, x0 > EDGE, H, LOG_HALF_LEVELS, SERIES_TERMS)
+    if RGB:
+        alpha0, q = _load_next(q, s_group, mask, ACC)
+        m1, q = _load_next(q, s_group, mask, ACC)
+        ls1, q = _load_next(q, s_group, mask, ACC)
+        alpha1, q = _load_next(q, s_group, mask, ACC)
+        m2, q = _load_next(q, s_group, mask, ACC)
+        ls2, q = _load_next(q, s_group, mask, ACC)
+        alpha2, q = _load_next(q, s_group, mask, ACC)
+        c0, dc0 = _tanh(alpha0, SERIES_TERMS)
+        c1, dc1 = _tanh(alpha1, SERIES_TERMS)
+        c2, dc2 = _tanh(alpha2, SERIES_TERMS)
+        lp1, dd1, dls1 = _channel_terms(x1, m1 + c0 * x0, ls1, x1 < -EDGE, x1 > EDGE, H, LOG_HALF_LEVELS,
+                                        SERIES_TERMS)
+        lp2, dd2, dls2 = _channel_terms(x2, m2 + c1 * x0 + c2 * x1, ls2, x2 < -EDGE, x2 > EDGE, H,
+                                        LOG_HALF_LEVELS, SERIES_TERMS)
+        lp += lp1 + lp2
+    else:
+        zero = tl.zeros_like(lp)
+        dd1, dls1, dd2, dls2, c0, dc0, c1, dc1, c2, dc2 = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+    return logit, lp, dd0, dls0, dd1, dls1, dd2, dls2, c0, dc0, c1, dc1, c2, dc2
+
+
+@triton.jit
+def _store_next(o, s_group, value, mask):
+    """Store ``value`` into the parameter group after the one ``o`` points at; returns a pointer to it."""
+    o += s_group
+    tl.store(o, value.to(o.dtype.element_ty), mask=mask)
+    return o
+
+
+@triton.jit
 def _dmol_fwd_kernel(
     x_ptr, p_ptr, out_ptr, lse_ptr, lsel_ptr,
     K, HW, W, n_blocks,
@@ -200,56 +265,19 @@ def _dmol_fwd_kernel(
 ):
     pid = tl.program_id(0)
     b, hw, hh, ww, mask = _pixel_block(pid, n_blocks, HW, W, BLOCK)
-    xp = x_ptr + b * s_xb + hh * s_xh + ww * s_xw
-    x0 = tl.load(xp, mask=mask, other=0.0).to(ACC)
-    # One pointer per channel group, advanced by one channel per component: pointer increments never
-    # overflow, whatever the size of one image's parameters. s_group = K * channel stride.
-    q_logit = p_ptr + b * s_pb + hh * s_ph + ww * s_pw
-    q_m0 = q_logit + s_group
-    q_l0 = q_m0 + s_group
-    if RGB:
-        x1 = tl.load(xp + s_xc, mask=mask, other=0.0).to(ACC)
-        x2 = tl.load(xp + 2 * s_xc, mask=mask, other=0.0).to(ACC)
-        q_a0 = q_l0 + s_group
-        q_m1 = q_a0 + s_group
-        q_l1 = q_m1 + s_group
-        q_a1 = q_l1 + s_group
-        q_m2 = q_a1 + s_group
-        q_l2 = q_m2 + s_group
-        q_a2 = q_l2 + s_group
+    x0, x1, x2 = _pixel_values(x_ptr + b * s_xb + hh * s_xh + ww * s_xw, s_xc, mask, RGB, ACC)
+    q = p_ptr + b * s_pb + hh * s_ph + ww * s_pw  # component k's logit, advanced one channel per k
 
     joint_max = tl.full([BLOCK], float("-inf"), ACC)
     joint_sum = tl.zeros([BLOCK], ACC)
     prior_max = tl.full([BLOCK], float("-inf"), ACC)
     prior_sum = tl.zeros([BLOCK], ACC)
     for _k in range(0, K):
-        logit = tl.load(q_logit, mask=mask, other=0.0).to(ACC)
-        mu0 = tl.load(q_m0, mask=mask, other=0.0).to(ACC)
-        ls0 = tl.load(q_l0, mask=mask, other=0.0).to(ACC)
-        lp, _, _ = _channel_terms(x0, mu0, ls0, x0 < -EDGE, x0 > EDGE, H, LOG_HALF_LEVELS, SERIES_TERMS)
-        q_logit += s_pc
-        q_m0 += s_pc
-        q_l0 += s_pc
-        if RGB:
-            c0, _ = _tanh(tl.load(q_a0, mask=mask, other=0.0).to(ACC), SERIES_TERMS)
-            c1, _ = _tanh(tl.load(q_a1, mask=mask, other=0.0).to(ACC), SERIES_TERMS)
-            c2, _ = _tanh(tl.load(q_a2, mask=mask, other=0.0).to(ACC), SERIES_TERMS)
-            mu1 = tl.load(q_m1, mask=mask, other=0.0).to(ACC) + c0 * x0
-            ls1 = tl.load(q_l1, mask=mask, other=0.0).to(ACC)
-            mu2 = tl.load(q_m2, mask=mask, other=0.0).to(ACC) + c1 * x0 + c2 * x1
-            ls2 = tl.load(q_l2, mask=mask, other=0.0).to(ACC)
-            lp1, _, _ = _channel_terms(x1, mu1, ls1, x1 < -EDGE, x1 > EDGE, H, LOG_HALF_LEVELS, SERIES_TERMS)
-            lp2, _, _ = _channel_terms(x2, mu2, ls2, x2 < -EDGE, x2 > EDGE, H, LOG_HALF_LEVELS, SERIES_TERMS)
-            lp += lp1 + lp2
-            q_a0 += s_pc
-            q_m1 += s_pc
-            q_l1 += s_pc
-            q_a1 += s_pc
-            q_m2 += s_pc
-            q_l2 += s_pc
-            q_a2 += s_pc
+        logit, lp, _, _, _, _, _, _, _, _, _, _, _, _ = _component(
+            q, s_group, x0, x1, x2, mask, RGB, H, EDGE, LOG_HALF_LEVELS, SERIES_TERMS, ACC)
         joint_max, joint_sum = _lse_step(joint_max, joint_sum, logit + lp)
         prior_max, prior_sum = _lse_step(prior_max, prior_sum, logit)
+        q += s_pc
 
     lse_joint = joint_max + tl.log(joint_sum)
     lse_logits = prior_max + tl.log(prior_sum)
@@ -277,100 +305,43 @@ def _dmol_bwd_kernel(
     """Gradients for params (every channel) and, with GRAD_X, for x (contiguous [B, C, H, W])."""
     pid = tl.program_id(0)
     b, hw, hh, ww, mask = _pixel_block(pid, n_blocks, HW, W, BLOCK)
-    xp = x_ptr + b * s_xb + hh * s_xh + ww * s_xw
-    x0 = tl.load(xp, mask=mask, other=0.0).to(ACC)
+    x0, x1, x2 = _pixel_values(x_ptr + b * s_xb + hh * s_xh + ww * s_xw, s_xc, mask, RGB, ACC)
     flat = b * HW + hw
     # g has strides (s_gb, 0, 0) when the output was summed to [B]: one value per image.
     g = tl.load(g_ptr + b * s_gb + hh * s_gh + ww * s_gw, mask=mask, other=0.0).to(ACC)
     lse_joint = tl.load(lse_ptr + flat, mask=mask, other=0.0)
     lse_logits = tl.load(lsel_ptr + flat, mask=mask, other=0.0)
-    q_logit = p_ptr + b * s_pb + hh * s_ph + ww * s_pw
-    q_m0 = q_logit + s_group
-    q_l0 = q_m0 + s_group
-    o_logit = gp_ptr + b * s_qb + hh * s_qh + ww * s_qw
-    o_m0 = o_logit + s_qgroup
-    o_l0 = o_m0 + s_qgroup
+    q = p_ptr + b * s_pb + hh * s_ph + ww * s_pw  # component k's logit (o: its gradient), one channel per k
+    o = gp_ptr + b * s_qb + hh * s_qh + ww * s_qw
     gx0 = tl.zeros([BLOCK], ACC)
-    if RGB:
-        x1 = tl.load(xp + s_xc, mask=mask, other=0.0).to(ACC)
-        x2 = tl.load(xp + 2 * s_xc, mask=mask, other=0.0).to(ACC)
-        q_a0 = q_l0 + s_group
-        q_m1 = q_a0 + s_group
-        q_l1 = q_m1 + s_group
-        q_a1 = q_l1 + s_group
-        q_m2 = q_a1 + s_group
-        q_l2 = q_m2 + s_group
-        q_a2 = q_l2 + s_group
-        o_a0 = o_l0 + s_qgroup
-        o_m1 = o_a0 + s_qgroup
-        o_l1 = o_m1 + s_qgroup
-        o_a1 = o_l1 + s_qgroup
-        o_m2 = o_a1 + s_qgroup
-        o_l2 = o_m2 + s_qgroup
-        o_a2 = o_l2 + s_qgroup
-        gx1 = tl.zeros([BLOCK], ACC)
-        gx2 = tl.zeros([BLOCK], ACC)
-
-    out_ty = gp_ptr.dtype.element_ty
+    gx1 = tl.zeros([BLOCK], ACC)
+    gx2 = tl.zeros([BLOCK], ACC)
     for _k in range(0, K):
-        logit = tl.load(q_logit, mask=mask, other=0.0).to(ACC)
-        mu0 = tl.load(q_m0, mask=mask, other=0.0).to(ACC)
-        ls0 = tl.load(q_l0, mask=mask, other=0.0).to(ACC)
-        lp, dd0, dls0 = _channel_terms(x0, mu0, ls0, x0 < -EDGE, x0 > EDGE, H, LOG_HALF_LEVELS, SERIES_TERMS)
-        if RGB:
-            c0, dc0 = _tanh(tl.load(q_a0, mask=mask, other=0.0).to(ACC), SERIES_TERMS)
-            c1, dc1 = _tanh(tl.load(q_a1, mask=mask, other=0.0).to(ACC), SERIES_TERMS)
-            c2, dc2 = _tanh(tl.load(q_a2, mask=mask, other=0.0).to(ACC), SERIES_TERMS)
-            mu1 = tl.load(q_m1, mask=mask, other=0.0).to(ACC) + c0 * x0
-            ls1 = tl.load(q_l1, mask=mask, other=0.0).to(ACC)
-            mu2 = tl.load(q_m2, mask=mask, other=0.0).to(ACC) + c1 * x0 + c2 * x1
-            ls2 = tl.load(q_l2, mask=mask, other=0.0).to(ACC)
-            lp1, dd1, dls1 = _channel_terms(x1, mu1, ls1, x1 < -EDGE, x1 > EDGE, H, LOG_HALF_LEVELS, SERIES_TERMS)
-            lp2, dd2, dls2 = _channel_terms(x2, mu2, ls2, x2 < -EDGE, x2 > EDGE, H, LOG_HALF_LEVELS, SERIES_TERMS)
-            lp += lp1 + lp2
+        logit, lp, dd0, dls0, dd1, dls1, dd2, dls2, c0, dc0, c1, dc1, c2, dc2 = _component(
+            q, s_group, x0, x1, x2, mask, RGB, H, EDGE, LOG_HALF_LEVELS, SERIES_TERMS, ACC)
         # Posterior and prior weight of this component; g folded into the posterior once.
         post = tl.exp(logit + lp - lse_joint)
         prior = tl.exp(logit - lse_logits)
         gr = g * post
-        tl.store(o_logit, (g * post - g * prior).to(out_ty), mask=mask)
-        tl.store(o_m0, (-gr * dd0).to(out_ty), mask=mask)
-        tl.store(o_l0, (gr * dls0).to(out_ty), mask=mask)
-        q_logit += s_pc
-        q_m0 += s_pc
-        q_l0 += s_pc
-        o_logit += s_qc
-        o_m0 += s_qc
-        o_l0 += s_qc
+        # The groups in the order of the parameters (see _component).
+        tl.store(o, (g * post - g * prior).to(o.dtype.element_ty), mask=mask)
+        og = _store_next(o, s_qgroup, -gr * dd0, mask)
+        og = _store_next(og, s_qgroup, gr * dls0, mask)
         if RGB:
-            tl.store(o_m1, (-gr * dd1).to(out_ty), mask=mask)
-            tl.store(o_l1, (gr * dls1).to(out_ty), mask=mask)
-            tl.store(o_m2, (-gr * dd2).to(out_ty), mask=mask)
-            tl.store(o_l2, (gr * dls2).to(out_ty), mask=mask)
             # d tanh(raw) / d raw = 1 - c^2; c_0 scales x_R in mu_G, c_1 x_R and c_2 x_G in mu_B.
-            tl.store(o_a0, (-gr * dd1 * x0 * dc0).to(out_ty), mask=mask)
-            tl.store(o_a1, (-gr * dd2 * x0 * dc1).to(out_ty), mask=mask)
-            tl.store(o_a2, (-gr * dd2 * x1 * dc2).to(out_ty), mask=mask)
-            if GRAD_X:
-                gx0 += gr * (dd0 - c0 * dd1 - c1 * dd2)
-                gx1 += gr * (dd1 - c2 * dd2)
-                gx2 += gr * dd2
-            q_a0 += s_pc
-            q_m1 += s_pc
-            q_l1 += s_pc
-            q_a1 += s_pc
-            q_m2 += s_pc
-            q_l2 += s_pc
-            q_a2 += s_pc
-            o_a0 += s_qc
-            o_m1 += s_qc
-            o_l1 += s_qc
-            o_a1 += s_qc
-            o_m2 += s_qc
-            o_l2 += s_qc
-            o_a2 += s_qc
-        else:
-            if GRAD_X:
-                gx0 += gr * dd0
+            og = _store_next(og, s_qgroup, -gr * dd1 * x0 * dc0, mask)
+            og = _store_next(og, s_qgroup, -gr * dd1, mask)
+            og = _store_next(og, s_qgroup, gr * dls1, mask)
+            og = _store_next(og, s_qgroup, -gr * dd2 * x0 * dc1, mask)
+            og = _store_next(og, s_qgroup, -gr * dd2, mask)
+            og = _store_next(og, s_qgroup, gr * dls2, mask)
+            og = _store_next(og, s_qgroup, -gr * dd2 * x1 * dc2, mask)
+        if GRAD_X:  # for one channel dd1 = dd2 = 0: only gx0 is stored
+            gx0 += gr * (dd0 - c0 * dd1 - c1 * dd2)
+            gx1 += gr * (dd1 - c2 * dd2)
+            gx2 += gr * dd2
+        q += s_pc
+        o += s_qc
 
     if GRAD_X:
         gx_ty = gx_ptr.dtype.element_ty
@@ -378,7 +349,7 @@ def _dmol_bwd_kernel(
             gxp = gx_ptr + b * (3 * HW) + hw
             tl.store(gxp, gx0.to(gx_ty), mask=mask)
             tl.store(gxp + HW, gx1.to(gx_ty), mask=mask)
-            tl.store(gxp + 2 * HW, gx2.to(gx_ty), mask=mask)
+            tl.store(gxp + HW + HW, gx2.to(gx_ty), mask=mask)
         else:
             tl.store(gx_ptr + b * HW + hw, gx0.to(gx_ty), mask=mask)
 
@@ -410,6 +381,15 @@ def _block(hw: int) -> tuple[int, int]:
     """Pixels per program and warps: one pixel per thread, at most 128 (provisional until GPU tuning)."""
     block = min(128, max(16, next_pow2(hw)))
     return block, max(1, block // 32)
+
+
+#: Launches ``fastdensity verify``'s CPU cases never make, compiled for sm_90 by tests/test_sm90_compile.py
+#: (which takes the first and last entry): the backward with the x gradient (verify asks for params'
+#: only), RGB and one channel, at the largest pixel block.
+SM90_VARIANTS = {"_dmol_bwd_kernel": lambda dtype_name: [
+    ({"GRAD_X": True, "RGB": True, "BLOCK": 128}, {"num_warps": 4}),
+    ({"GRAD_X": True, "RGB": False, "BLOCK": 128}, {"num_warps": 4}),
+]}
 
 
 def dmol_forward(x: torch.Tensor, params: torch.Tensor, num_bits: int, reduce_sum: bool):

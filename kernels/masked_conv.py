@@ -32,6 +32,11 @@ loop. Dead taps' gradients are written as zeros by the launcher and never comput
 grad-weight tiles that are wholly forbidden skip their reduction and the forbidden entries of the
 others are stored as exact zeros.
 
+Non-finite values: a NaN/inf stored in a dead weight is never read. A non-finite *input* reaches the
+outputs through the live taps only - forward in raster order, unlike a dense convolution, whose
+0 * inf spreads it over the whole window - except at the centre tap, where a tile's reduction covers
+whole channel blocks: there it can reach the same pixel's outputs of a forbidden group of that tile.
+
 Layouts: x, grad_out and the outputs are addressed through their four strides (NCHW, channels_last or
 any strided view); the output and grad input are allocated in x's memory format. On a GPU, NCHW
 activations with 8+ channels are first copied to channels_last (:data:`STAGE_CHANNELS_LAST`), because
@@ -49,8 +54,9 @@ rule. Set it to False for IEEE fp32 products. (The interpreter multiplies in fp3
 Minimum work (e bytes per element; c is the fraction of the centre's channel pairs that are live,
 (G+1)/(2G) for B and (G-1)/(2G) for A)::
 
-    forward   flops 2 P C_in C_out (T + c)          bytes (N C_in H W + C_out C_in (T + 1) + P C_out) e
-    backward  flops 4 P C_in C_out (T + c)          bytes (2 P C_out + 2 N C_in H W + 2 C_out C_in KH KW) e
+    forward   flops 2 P C_in C_out (T + c)   bytes (N C_in H W + C_out C_in (T + 1) + P C_out) e
+    backward  flops 4 P C_in C_out (T + c)   bytes (P C_out + 2 N C_in H W + C_out C_in (T + 1 + KH KW)) e
+              (read grad_out, x and the live weights; write grad_x and the whole grad_weight)
 
 so with C_in = C_out = C the arithmetic intensity is about C (T + c) / e flops per byte: compute-bound at
 every channel count a PixelCNN uses, and the saving over a dense convolution is the skipped taps.
@@ -182,8 +188,13 @@ def _pack_weight(weight: torch.Tensor, g: Geometry) -> torch.Tensor:
     Live taps are a prefix of the raster-flattened kernel, so this is one slice and one copy. Zeroing
     with ``where`` (not a multiply) keeps a NaN/inf sitting in a dead weight out of the result: dead
     weights are never part of the op.
+
+    ``clone``, not ``contiguous``: a weight stored tap-major (a permuted view of a [KH, KW, C_out, C_in]
+    tensor) already has this layout, and ``contiguous`` would return a view of it - the centre zeroing
+    below would then write into the caller's weight, which autograd has saved.
     """
-    pack = weight.reshape(g.C_out, g.C_in, g.KH * g.KW)[:, :, :g.n_live].permute(2, 0, 1).contiguous()
+    pack = weight.reshape(g.C_out, g.C_in, g.KH * g.KW)[:, :, :g.n_live].permute(2, 0, 1).clone(
+        memory_format=torch.contiguous_format)
     if g.centre and g.grouped_centre:
         pack[g.n_full] = torch.where(centre_mask(g, weight.device), pack[g.n_full], 0)
     return pack
@@ -192,6 +203,32 @@ def _pack_weight(weight: torch.Tensor, g: Geometry) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_pixels(pix, HH, WW):
+    """(sample, row, column) of flat int64 pixel indices over [N, HH, WW]. The sample stays int64 (it
+    multiplies the batch stride); row and column are int32, as all offsets within one sample are."""
+    nb = pix // (HH * WW)
+    rem = (pix % (HH * WW)).to(tl.int32)
+    return nb, rem // WW, rem % WW
+
+
+@triton.jit
+def _pixel_tile(n_chan, n_pix, HH, WW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's [BLOCK_M pixels x BLOCK_N channels] tile of a [n_pix = N*HH*WW, n_chan] output:
+    ``(pix_ok, sample, row, column, first channel, channels, channel_ok)``.
+
+    Channel tiles vary fastest: programs that run together share a pixel tile, so the rows they gather
+    are read from DRAM once and then served from L2 to the other channel tiles."""
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(n_chan, BLOCK_N)
+    pid_m = pid // n_tiles_n
+    c0 = (pid % n_tiles_n) * BLOCK_N
+    pix = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    nb, py, px = _split_pixels(pix, HH, WW)
+    chan = c0 + tl.arange(0, BLOCK_N)
+    return pix < n_pix, nb, py, px, c0, chan, chan < n_chan
 
 
 @triton.jit
@@ -222,25 +259,10 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M output pixels x BLOCK_N output channels] tile, reduced over live taps x C_in."""
-    # Output-channel tiles vary fastest: programs that run together share a pixel tile, so its input
-    # rows are read from DRAM once and then served from L2 to the other channel tiles.
-    pid = tl.program_id(0)
-    n_tiles_n = tl.cdiv(C_out, BLOCK_N)
-    pid_n = pid % n_tiles_n
-    pid_m = pid // n_tiles_n
-
-    pix = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pix_ok = pix < P
-    nb = pix // (H_out * W_out)
-    rem = (pix % (H_out * W_out)).to(tl.int32)
-    oy = rem // W_out
-    ox = rem % W_out
+    pix_ok, nb, oy, ox, co0, co, co_ok = _pixel_tile(C_out, P, H_out, W_out, BLOCK_M, BLOCK_N)
     iy0 = oy * str_h - pad_h
     ix0 = ox * str_w - pad_w
     x_rows = x_ptr + nb * s_xn  # int64 batch offset; offsets within a sample stay int32
-
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_ok = co < C_out
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
 
@@ -254,7 +276,7 @@ def _fwd_kernel(
     if centre_idx >= 0:
         # Centre tap: the tile's last channel sees the most input channels; the packed weight holds
         # zeros for the pairs its other channels may not see, so bounding the loop is all it takes.
-        co_last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, C_out) - 1
+        co_last = tl.minimum(co0 + BLOCK_N, C_out) - 1
         k_end = tl.minimum((co_last // cout_g + shift) * cin_g, C_in)
         for k0 in range(0, k_end, BLOCK_K):
             acc = _fwd_step(acc, x_rows, iy0, ix0, pix_ok, w_ptr, co, co_ok, kk, centre_idx, k0,
@@ -304,21 +326,8 @@ def _bwd_input_kernel(
     fail that test and are masked: correct, though not work-efficient (masked convs are nearly always
     stride 1, and the dispatcher can pick cuDNN where this matters).
     """
-    pid = tl.program_id(0)
-    n_tiles_n = tl.cdiv(C_in, BLOCK_N)
-    pid_n = pid % n_tiles_n
-    pid_m = pid // n_tiles_n
-
-    pix = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pix_ok = pix < P_in
-    nb = pix // (H * W)
-    rem = (pix % (H * W)).to(tl.int32)
-    iy = rem // W
-    ix = rem % W
+    pix_ok, nb, iy, ix, ci0, ci, ci_ok = _pixel_tile(C_in, P_in, H, W, BLOCK_M, BLOCK_N)
     g_rows = go_ptr + nb * s_gn
-
-    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ci_ok = ci < C_in
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
 
@@ -331,7 +340,7 @@ def _bwd_input_kernel(
     if centre_idx >= 0:
         # Centre tap: input channel ci feeds output groups >= ci // cin_g + 1 - shift; the tile's first
         # channel feeds the most, and the packed weight is zero for the other channels' forbidden pairs.
-        k_start = ((pid_n * BLOCK_N) // cin_g + 1 - shift) * cout_g
+        k_start = (ci0 // cin_g + 1 - shift) * cout_g
         for k0 in range(k_start, C_out, BLOCK_K):
             acc = _bwd_input_step(acc, g_rows, iy, ix, pix_ok, w_ptr, ci, ci_ok, kk, centre_idx, k0,
                                   C_in, C_out, H_out, W_out, s_gc, s_gh, s_gw, KW, str_h, str_w, pad_h, pad_w,
@@ -391,10 +400,7 @@ def _bwd_weight_kernel(
     for p0 in range(p_begin, p_end, BLOCK_P):
         pix = p0 + pp
         p_ok = pix < p_end
-        nb = pix // (H_out * W_out)
-        rem = (pix % (H_out * W_out)).to(tl.int32)
-        oy = rem // W_out
-        ox = rem % W_out
+        nb, oy, ox = _split_pixels(pix, H_out, W_out)
         iy = oy * str_h - pad_h + ky * dil_h
         ix = ox * str_w - pad_w + kx * dil_w
         x_ok = p_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)

@@ -92,7 +92,7 @@ def _mma(acc, a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
 def _masked_matmul_kernel(
     a_ptr, b_ptr, mask_ptr, bias_ptr, c_ptr, order_ptr, count_ptr,
     M, P, R,
-    s_am, s_ar, s_br, s_bp, s_mr, s_mp, s_cm, s_cp, s_order,
+    s_am, s_ar, s_br, s_bp, s_mr, s_mp, s_bias, s_cm, s_cp, s_order,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -145,7 +145,7 @@ def _masked_matmul_kernel(
         acc = _mma(acc, a, b, USE_DOT, PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rp, mask=p_ok, other=0.0).to(ACC)[None, :]
+        acc += tl.load(bias_ptr + rp * s_bias, mask=p_ok, other=0.0).to(ACC)[None, :]
     c_offs = rm[:, None] * s_cm + rp[None, :] * s_cp
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & p_ok[None, :])
 
@@ -215,6 +215,11 @@ def launch_config(M: int, N: int, K: int, dtype: torch.dtype) -> LaunchConfig:
     Tiles aim at ~16 per side of the mask (fine enough to follow a triangle's edge, at least 16 for
     ``tl.dot``), capped at 128 output columns x 64 reduction columns, the usual Hopper matmul tile.
     fp64 keeps every tile at 16: its outer-product sum holds a [16, 16, 16] block in registers.
+
+    Pipeline depth: each stage buffers one A and one B tile in shared memory, and fp32 tiles take twice
+    the bytes of 16-bit ones. Compiled for sm_90 with 3 stages, the largest fp32 grad-weight tile (a
+    128 x 64 output over 128 rows, TF32) needs 288 KiB, past the H100's 227 KiB per block - an error at
+    launch on the GPU, not at compile time. fp32 therefore keeps 2 stages (at most 192 KiB).
     """
     if dtype == torch.float64:
         return LaunchConfig(tile_n=16, tile_k=16, block_m=16, use_dot=False, num_warps=4, num_stages=1)
@@ -222,7 +227,9 @@ def launch_config(M: int, N: int, K: int, dtype: torch.dtype) -> LaunchConfig:
     tile_k = min(max(next_pow2(K) // 16, 16), 64)
     block_m = min(max(next_pow2(M), 16), 128)
     warps = 8 if block_m * max(tile_n, tile_k) >= 128 * 128 else 4
-    return LaunchConfig(tile_n=tile_n, tile_k=tile_k, block_m=block_m, use_dot=True, num_warps=warps, num_stages=3)
+    stages = 2 if dtype == torch.float32 else 3
+    return LaunchConfig(tile_n=tile_n, tile_k=tile_k, block_m=block_m, use_dot=True, num_warps=warps,
+                        num_stages=stages)
 
 
 def _fp32_precision() -> str:
@@ -322,7 +329,8 @@ def _matmul_launch(a, b_strides, weight, mask, mask_strides, bias, out, order, c
     _masked_matmul_kernel[grid](
         a, weight, mask, out if bias is None else bias, out, order, count,
         M, P, R,
-        a.stride(0), a.stride(1), *b_strides, *mask_strides, out.stride(0), out.stride(1), order.stride(0),
+        a.stride(0), a.stride(1), *b_strides, *mask_strides, 0 if bias is None else bias.stride(0),
+        out.stride(0), out.stride(1), order.stride(0),
         HAS_BIAS=bias is not None, USE_DOT=cfg.use_dot, PRECISION=prec, ACC=tl_dtype(acc_dtype(a.dtype)),
         BLOCK_M=cfg.block_m, BLOCK_P=block_p, BLOCK_R=block_r, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -334,7 +342,8 @@ def masked_linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Ten
     """y [..., N] = x [..., K] @ (weight * mask)^T + bias. Inputs are validated by ``fastdensity.ops``.
 
     x is read through its strides when its leading dims flatten to one without a copy (``reshape``);
-    weight and mask through theirs. y is contiguous, in x's dtype.
+    weight, mask and bias through theirs (a bias such as ``params[:, 0]`` is read in place). y is
+    contiguous, in x's dtype.
     """
     N, K = weight.shape
     x2 = _rows(x, K)

@@ -17,10 +17,12 @@ Gradients, with upstream g per sample and r_k = exp(log pi_k + C_k - log p) the 
     d/dl_kd      =  w_k (-u_kd f'(u_kd) - 1)
     d/dlogits_k  =  g (r_k - pi_k)
 
-Forward walks the K components of a block of rows with two online log-sum-exps (one for the scores,
-one for the logits' normaliser; see ``kernels/logsumexp.py``) and stores only log p [B]. Backward
-recomputes the normaliser and every component term from the inputs and the saved log p, and writes
-the gradients of all four inputs in the same pass.
+Forward computes the logits' normaliser of a block of rows (an online log-sum-exp over K; see
+``kernels/logsumexp.py``), then walks the K components with a second one over the scores
+v_k = log pi_k + C_k, and stores only log p [B]. Backward recomputes the normaliser and every score
+from the inputs, rounded exactly as the forward rounded them, takes w_k = g exp(v_k - log p) with the
+saved log p, and writes the gradients of the three parameters (and of x, when x requires one) in the
+same pass.
 
 Shapes and broadcasting: x [..., D], logits [..., K], means and log_scales [..., K, D]; the batch dims
 broadcast. The launcher expands the four to the broadcast batch and collapses its dims into at most two
@@ -29,11 +31,12 @@ mixture density networks), shared ones ([K, D]) and mixes such as per-sample par
 S draws (x [S, B, D] with means [B, K, D]) are all read in place. Layouts needing more than two batch
 dims are copied to one (said so in ``_batch_view``). Gradients:
 
-    parameter read by every row (stride 0 throughout)  per-program partial sums [programs, ...], summed
-                                                       on the host (deterministic, no atomics)
-    parameter with its own row per sample              written per row, in place
-    partially broadcast (e.g. [B, K, D] over S draws)  written per row in fp32, then summed over the
-                                                       broadcast dims on the host
+    parameter read by every row (shared: [K], [K, D]   per-program partial sums [programs, ...], summed
+    broadcast by the op)                               on the host (deterministic, no atomics)
+    parameter with its own row per sample (including   written per row, in place
+    an expand() view: stride 0, but its own shape)
+    partially broadcast (e.g. [B, K, D] over S draws)  written per row in fp32 (fp64 for fp64), then
+                                                       summed over the broadcast dims on the host
 
 Parameters shared by all rows with a large K D go to ``kernels/mixture_shared.py`` instead, whose
 backward reduces over rows without per-program [K, D] partials (see ``SHARED_MIN_KD``).
@@ -71,12 +74,46 @@ SHARED_MIN_KD = 512   # fully shared parameters with K * D at least this use ker
 
 
 @triton.jit
-def _component_sum(x, mu_ptrs, ls_ptrs, mask, KIND: tl.constexpr, ACC: tl.constexpr):
-    """sum over the tile's features of f(u) - l: [rows] partial C_k."""
+def _standardised(x, mu_ptrs, ls_ptrs, mask, ACC: tl.constexpr):
+    """``(u, l, exp(-l))`` for a [rows, features] tile of one component: u = (x - mu) exp(-l)."""
     mu = tl.load(mu_ptrs, mask=mask, other=0.0).to(ACC)
     ls = tl.load(ls_ptrs, mask=mask, other=0.0).to(ACC)
-    f, _ = std_log_density((x - mu) * tl.exp(-ls), KIND)
+    inv_s = tl.exp(-ls)
+    return (x - mu) * inv_s, ls, inv_s
+
+
+@triton.jit
+def _component_sum(x, mu_ptrs, ls_ptrs, mask, KIND: tl.constexpr, ACC: tl.constexpr):
+    """sum over the tile's features of f(u) - l: [rows] partial C_k."""
+    u, ls, _ = _standardised(x, mu_ptrs, ls_ptrs, mask, ACC)
+    f, _ = std_log_density(u, KIND)
     return tl.sum(tl.where(mask, f - ls, 0.0), axis=1)
+
+
+@triton.jit
+def _component_sum_chunked(x_row, mu_p, ls_p, rmask, cols, D, sx_d, sm_d, sl_d,
+                           KIND: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """C_k [rows] of one component for rows longer than a tile: the features in chunks of BLOCK_D."""
+    C = tl.zeros([x_row.shape[0]], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        dc = d0 + cols
+        mask = rmask[:, None] & (dc < D)[None, :]
+        xc = tl.load(x_row[:, None] + dc[None, :] * sx_d, mask=mask, other=0.0).to(ACC)
+        C += _component_sum(xc, mu_p[:, None] + dc[None, :] * sm_d, ls_p[:, None] + dc[None, :] * sl_d,
+                            mask, KIND, ACC)
+    return C
+
+
+@triton.jit
+def _log_normaliser(a_row, rmask, K, sa_k, ACC: tl.constexpr):
+    """logsumexp_k logits[row, k] for a block of rows (K reads per row, 1/D of the means' traffic)."""
+    m = tl.full(a_row.shape, float("-inf"), ACC)
+    s = tl.zeros(a_row.shape, ACC)
+    a_p = a_row
+    for k in range(0, K):
+        m, s = lse_update(m, s, tl.load(a_p, mask=rmask, other=0.0).to(ACC))
+        a_p += sa_k
+    return lse_value(m, s)
 
 
 @triton.jit
@@ -99,38 +136,53 @@ def _mixture_fwd_kernel(
     if ONE_CHUNK:
         mask = rmask[:, None] & (cols < D)[None, :]
         x = tl.load(x_row[:, None] + cols[None, :] * sx_d, mask=mask, other=0.0).to(ACC)
+    # The normaliser first, so that the scores v_k = (a_k - log_norm) + C_k are rounded exactly as the
+    # backward recomputes them: exp(v_k - log p) then cancels the rounding of the dominant v_k, as
+    # eager's softmax does (log p = lse(a + C) - log_norm would leave ~2 ulps of |log p| in the weights).
+    log_norm = _log_normaliser(a_p, rmask, K, sa_k, ACC)
     m = tl.full([BLOCK_B], float("-inf"), ACC)
     s = tl.zeros([BLOCK_B], ACC)
-    ma = tl.full([BLOCK_B], float("-inf"), ACC)
-    sa = tl.zeros([BLOCK_B], ACC)
     for k in range(0, K):
         a = tl.load(a_p, mask=rmask, other=0.0).to(ACC)
         if ONE_CHUNK:
             C = _component_sum(x, mu_p[:, None] + cols[None, :] * sm_d, ls_p[:, None] + cols[None, :] * sl_d,
                                mask, KIND, ACC)
         else:
-            C = tl.zeros([BLOCK_B], ACC)
-            for d0 in range(0, D, BLOCK_D):
-                dc = d0 + cols
-                mask = rmask[:, None] & (dc < D)[None, :]
-                xc = tl.load(x_row[:, None] + dc[None, :] * sx_d, mask=mask, other=0.0).to(ACC)
-                C += _component_sum(xc, mu_p[:, None] + dc[None, :] * sm_d, ls_p[:, None] + dc[None, :] * sl_d,
-                                    mask, KIND, ACC)
-        m, s = lse_update(m, s, a + C)
-        ma, sa = lse_update(ma, sa, a)
+            C = _component_sum_chunked(x_row, mu_p, ls_p, rmask, cols, D, sx_d, sm_d, sl_d, KIND, ACC, BLOCK_D)
+        m, s = lse_update(m, s, (a - log_norm) + C)
         a_p += sa_k
         mu_p += sm_k
         ls_p += sl_k
-    tl.store(out_ptr + rows, lse_value(m, s) - lse_value(ma, sa), mask=rmask)
+    tl.store(out_ptr + rows, lse_value(m, s), mask=rmask)
 
 
 @triton.jit
-def _param_grad_store(ptr, val, mask, cols_mask, SHARED: tl.constexpr):
-    """Store a [rows, cols] gradient tile per row, or (SHARED) its column sums as one partial row."""
+def _param_grad_store(ptr, cols, val, mask, cols_mask, SHARED: tl.constexpr):
+    """Store a [rows, cols] gradient tile per row (``ptr`` [rows] points at each row's feature 0), or
+    (SHARED: ``ptr`` is one pointer, the program's partial row) its column sums."""
     if SHARED:
-        tl.store(ptr, tl.sum(tl.where(mask, val, 0.0), axis=0).to(ptr.dtype.element_ty), mask=cols_mask)
+        tl.store(ptr + cols, tl.sum(tl.where(mask, val, 0.0), axis=0).to(ptr.dtype.element_ty), mask=cols_mask)
     else:
-        tl.store(ptr, val.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr[:, None] + cols[None, :], val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _logit_grad_store(ptr, ga, rmask, SHARED: tl.constexpr):
+    """Store component k's logit gradient [rows] per row, or (SHARED) its sum as the program's partial."""
+    if SHARED:
+        tl.store(ptr, tl.sum(ga, axis=0).to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr, ga.to(ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _feature_grads(w, u, df, inv_s, gm_p, gl_p, cols, mask, dmask, SHARED_M: tl.constexpr, SHARED_L: tl.constexpr):
+    """Component k on a [rows, features] tile (u, f'(u), exp(-l)), weights w [rows]: stores the gradients of
+    its means and log-scales and returns the tile's x gradient, w f'(u) exp(-l)."""
+    dx = w[:, None] * df * inv_s
+    _param_grad_store(gm_p, cols, -dx, mask, dmask, SHARED_M)
+    _param_grad_store(gl_p, cols, w[:, None] * (-u * df - 1.0), mask, dmask, SHARED_L)
+    return dx
 
 
 @triton.jit
@@ -140,12 +192,13 @@ def _mixture_bwd_kernel(
     B, B_in, K, D,
     sx_o, sx_i, sx_d, sa_o, sa_i, sa_k,
     sm_o, sm_i, sm_k, sm_d, sl_o, sl_i, sl_k, sl_d,
-    KIND: tl.constexpr, ACC: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    KIND: tl.constexpr, ACC: tl.constexpr, ONE_CHUNK: tl.constexpr, GRAD_X: tl.constexpr,
     SHARED_A: tl.constexpr, SHARED_M: tl.constexpr, SHARED_L: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Gradients of all four inputs. gx [B, D]; ga [B, K] or, when SHARED_A, partial sums [programs, K];
-    gm, gl [B, K, D] or [programs, K, D] likewise; w [B, K] is scratch for the chunked path only."""
+    """Gradients of the parameters and, with GRAD_X, of x. gx [B, D]; ga [B, K] or, when SHARED_A, partial
+    sums [programs, K]; gm, gl [B, K, D] or [programs, K, D] likewise; w [B, K] is scratch for the chunked
+    path only."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     rmask = rows < B
@@ -158,14 +211,7 @@ def _mixture_bwd_kernel(
     lp = tl.load(lp_ptr + rows, mask=rmask, other=0.0)
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
 
-    # The logits' normaliser, recomputed (K reads per row, 1/D of the means' traffic).
-    ma = tl.full([BLOCK_B], float("-inf"), ACC)
-    sa = tl.zeros([BLOCK_B], ACC)
-    a_p = a_row
-    for k in range(0, K):
-        ma, sa = lse_update(ma, sa, tl.load(a_p, mask=rmask, other=0.0).to(ACC))
-        a_p += sa_k
-    log_norm = lse_value(ma, sa)
+    log_norm = _log_normaliser(a_row, rmask, K, sa_k, ACC)  # as the forward computed it
 
     # Output pointers, advanced by one component per iteration.
     if SHARED_A:
@@ -190,57 +236,35 @@ def _mixture_bwd_kernel(
         ga_p, gm_p, gl_p = ga_base, gm_base, gl_base
         for k in range(0, K):
             a = tl.load(a_p, mask=rmask, other=0.0).to(ACC)
-            mu = tl.load(mu_p[:, None] + cols[None, :] * sm_d, mask=mask, other=0.0).to(ACC)
-            ls = tl.load(ls_p[:, None] + cols[None, :] * sl_d, mask=mask, other=0.0).to(ACC)
-            inv_s = tl.exp(-ls)
-            u = (x - mu) * inv_s
+            u, ls, inv_s = _standardised(x, mu_p[:, None] + cols[None, :] * sm_d, ls_p[:, None] + cols[None, :] * sl_d,
+                                         mask, ACC)
             f, df = std_log_density(u, KIND)
             C = tl.sum(tl.where(mask, f - ls, 0.0), axis=1)
             log_pi = a - log_norm
             w = tl.where(rmask, g * tl.exp2((log_pi + C - lp) * LOG2E), 0.0)
-            ga = tl.where(rmask, w - g * tl.exp2(log_pi * LOG2E), 0.0)
-            dx = w[:, None] * df * inv_s
-            gx += dx
-            if SHARED_A:
-                tl.store(ga_p, tl.sum(ga, axis=0).to(ga_ptr.dtype.element_ty))
-            else:
-                tl.store(ga_p, ga.to(ga_ptr.dtype.element_ty), mask=rmask)
-            if SHARED_M:
-                _param_grad_store(gm_p + cols, -dx, mask, dmask, True)
-            else:
-                _param_grad_store(gm_p[:, None] + cols[None, :], -dx, mask, dmask, False)
-            if SHARED_L:
-                _param_grad_store(gl_p + cols, w[:, None] * (-u * df - 1.0), mask, dmask, True)
-            else:
-                _param_grad_store(gl_p[:, None] + cols[None, :], w[:, None] * (-u * df - 1.0), mask, dmask, False)
+            _logit_grad_store(ga_p, tl.where(rmask, w - g * tl.exp2(log_pi * LOG2E), 0.0), rmask, SHARED_A)
+            dx = _feature_grads(w, u, df, inv_s, gm_p, gl_p, cols, mask, dmask, SHARED_M, SHARED_L)
+            if GRAD_X:
+                gx += dx
             a_p += sa_k
             mu_p += sm_k
             ls_p += sl_k
             ga_p += 1
             gm_p += D
             gl_p += D
-        tl.store(gx_ptr + rows[:, None] * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        if GRAD_X:
+            tl.store(gx_ptr + rows[:, None] * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mask)
     else:
         # Pass 1: C_k needs every feature before w_k is known. Keep w in scratch [B, K].
         a_p, mu_p, ls_p, ga_p = a_row, mu_row, ls_row, ga_base
         w_p = w_ptr + rows * K
         for k in range(0, K):
             a = tl.load(a_p, mask=rmask, other=0.0).to(ACC)
-            C = tl.zeros([BLOCK_B], ACC)
-            for d0 in range(0, D, BLOCK_D):
-                dc = d0 + cols
-                mask = rmask[:, None] & (dc < D)[None, :]
-                xc = tl.load(x_row[:, None] + dc[None, :] * sx_d, mask=mask, other=0.0).to(ACC)
-                C += _component_sum(xc, mu_p[:, None] + dc[None, :] * sm_d, ls_p[:, None] + dc[None, :] * sl_d,
-                                    mask, KIND, ACC)
+            C = _component_sum_chunked(x_row, mu_p, ls_p, rmask, cols, D, sx_d, sm_d, sl_d, KIND, ACC, BLOCK_D)
             log_pi = a - log_norm
             w = tl.where(rmask, g * tl.exp2((log_pi + C - lp) * LOG2E), 0.0)
-            ga = tl.where(rmask, w - g * tl.exp2(log_pi * LOG2E), 0.0)
+            _logit_grad_store(ga_p, tl.where(rmask, w - g * tl.exp2(log_pi * LOG2E), 0.0), rmask, SHARED_A)
             tl.store(w_p, w, mask=rmask)
-            if SHARED_A:
-                tl.store(ga_p, tl.sum(ga, axis=0).to(ga_ptr.dtype.element_ty))
-            else:
-                tl.store(ga_p, ga.to(ga_ptr.dtype.element_ty), mask=rmask)
             a_p += sa_k
             mu_p += sm_k
             ls_p += sl_k
@@ -259,28 +283,19 @@ def _mixture_bwd_kernel(
             w_p = w_ptr + rows * K
             for k in range(0, K):
                 w = tl.load(w_p, mask=rmask, other=0.0)
-                mu = tl.load(mu_p[:, None] + dc[None, :] * sm_d, mask=mask, other=0.0).to(ACC)
-                ls = tl.load(ls_p[:, None] + dc[None, :] * sl_d, mask=mask, other=0.0).to(ACC)
-                inv_s = tl.exp(-ls)
-                u = (xc - mu) * inv_s
+                u, _, inv_s = _standardised(xc, mu_p[:, None] + dc[None, :] * sm_d, ls_p[:, None] + dc[None, :] * sl_d,
+                                            mask, ACC)
                 _, df = std_log_density(u, KIND)
-                dx = w[:, None] * df * inv_s
-                gx += dx
-                if SHARED_M:
-                    _param_grad_store(gm_p + cols, -dx, mask, dmask, True)
-                else:
-                    _param_grad_store(gm_p[:, None] + cols[None, :], -dx, mask, dmask, False)
-                if SHARED_L:
-                    _param_grad_store(gl_p + cols, w[:, None] * (-u * df - 1.0), mask, dmask, True)
-                else:
-                    _param_grad_store(gl_p[:, None] + cols[None, :], w[:, None] * (-u * df - 1.0), mask, dmask,
-                                      False)
+                dx = _feature_grads(w, u, df, inv_s, gm_p, gl_p, cols, mask, dmask, SHARED_M, SHARED_L)
+                if GRAD_X:
+                    gx += dx
                 mu_p += sm_k
                 ls_p += sl_k
                 gm_p += D
                 gl_p += D
                 w_p += 1
-            tl.store(gx_ptr + rows[:, None] * D + dc[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mask)
+            if GRAD_X:
+                tl.store(gx_ptr + rows[:, None] * D + dc[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,10 +328,18 @@ def _batch_view(batch, tensors):
     return B, 1, flat, [(t.stride(0), 0) for t in flat]
 
 
-def _is_shared(strides, B: int, B_in: int) -> bool:
-    """Every row reads the same elements (stride 0 along every batch dim that has more than one index)."""
-    s_o, s_i = strides
-    return (s_o == 0 or B <= B_in) and (s_i == 0 or B_in == 1)
+def _shared_flags(strides, params, B: int, B_in: int) -> list[bool]:
+    """For logits, means and log_scales: is this one parameter set, read alike by every row?
+
+    That needs stride 0 along every batch dim with more than one index, and no batch extent of the
+    tensor's own: a parameter passed as an ``expand()`` view reads the same memory in every row, but its
+    gradient has the view's shape and is written row by row like a per-sample parameter's.
+    """
+    flags = []
+    for (s_o, s_i), t, tail in zip(strides, params, (1, 2, 2)):
+        same_elements = (s_o == 0 or B <= B_in) and (s_i == 0 or B_in == 1)
+        flags.append(same_elements and math.prod(t.shape[:-tail]) == 1)
+    return flags
 
 
 def _blocks(B: int, D: int):
@@ -337,7 +360,7 @@ def mixture_forward(x, logits, means, log_scales, kind: str) -> torch.Tensor:
     B, B_in, (xe, ae, me, le), st = _batch_view(batch, expanded)
     if B == 0:
         return empty(batch, dtype=acc, device=x.device)
-    if _use_shared_path([_is_shared(s, B, B_in) for s in st[1:]], K, D):
+    if _use_shared_path(_shared_flags(st[1:], (logits, means, log_scales), B, B_in), K, D):
         return shared_forward(xe.reshape(B, D), logits.reshape(K), means.reshape(K, D),
                               log_scales.reshape(K, D), kind).view(batch)
     out = empty(batch, dtype=acc, device=x.device)
@@ -359,22 +382,24 @@ def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.to(like.dtype)
 
 
-def mixture_backward(grad, x, logits, means, log_scales, log_prob, kind: str):
-    """Gradients ``(dx, dlogits, dmeans, dlog_scales)``, each with its input's shape and dtype."""
+def mixture_backward(grad, x, logits, means, log_scales, log_prob, kind: str, need_grad_x: bool):
+    """Gradients ``(dx, dlogits, dmeans, dlog_scales)``, each with its input's shape and dtype; dx is None
+    unless ``need_grad_x`` (x is usually data)."""
     batch, K, D, expanded = _expand(x, logits, means, log_scales)
     acc = acc_dtype(x.dtype)
     B, B_in, (xe, ae, me, le), st = _batch_view(batch, expanded)
     inputs = (x, logits, means, log_scales)
     if B == 0:
-        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in inputs)
+        grads = tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in inputs)
+        return (grads[0] if need_grad_x else None, *grads[1:])
     g = grad.to(acc).reshape(B).contiguous()
     lp = log_prob.to(acc).reshape(B).contiguous()
-    shared = [_is_shared(s, B, B_in) for s in st[1:]]
+    shared = _shared_flags(st[1:], inputs[1:], B, B_in)
     if _use_shared_path(shared, K, D):
-        grads = shared_backward(g, xe.reshape(B, D), logits.reshape(K), means.reshape(K, D),
-                                log_scales.reshape(K, D), lp, kind)
-        full = (grads[0].view(*batch, D), *grads[1:])
-        return tuple(_reduce_to(gr.reshape(t.shape) if i else gr, t) for i, (gr, t) in enumerate(zip(full, inputs)))
+        gx, *param_grads = shared_backward(g, xe.reshape(B, D), logits.reshape(K), means.reshape(K, D),
+                                           log_scales.reshape(K, D), lp, kind, need_grad_x)
+        gx = _reduce_to(gx.view(*batch, D), x) if need_grad_x else None
+        return (gx, *(_reduce_to(gr.reshape(t.shape), t) for gr, t in zip(param_grads, inputs[1:])))
 
     block_b, block_d, one_chunk, warps = _blocks(B, D)
     programs = triton.cdiv(B, block_b)
@@ -382,24 +407,37 @@ def mixture_backward(grad, x, logits, means, log_scales, log_prob, kind: str):
     # dtype; one that is summed afterwards (partial sums, broadcast inputs) in the accumulation dtype.
     full = [e.numel() == t.numel() for e, t in zip((xe, ae, me, le), inputs)]
     dt = [acc if (i and shared[i - 1]) or not full[i] else t.dtype for i, t in enumerate(inputs)]
-    gx = empty((B, D), dtype=dt[0], device=x.device)
+    gx = empty((B, D), dtype=dt[0], device=x.device) if need_grad_x else None
     ga = empty((programs if shared[0] else B, K), dtype=dt[1], device=x.device)
     gm = empty((programs if shared[1] else B, K, D), dtype=dt[2], device=x.device)
     gl = empty((programs if shared[2] else B, K, D), dtype=dt[3], device=x.device)
-    w = gx if one_chunk else empty((B, K), dtype=acc, device=x.device)  # scratch of the chunked path
+    w = lp if one_chunk else empty((B, K), dtype=acc, device=x.device)  # scratch of the chunked path
     _mixture_bwd_kernel[(programs,)](
-        xe, ae, me, le, lp, g, gx, ga, gm, gl, w, B, B_in, K, D,
+        xe, ae, me, le, lp, g, gx if need_grad_x else lp, ga, gm, gl, w, B, B_in, K, D,  # lp: never written
         *st[0], xe.stride(-1), *st[1], ae.stride(-1),
         *st[2], me.stride(-2), me.stride(-1), *st[3], le.stride(-2), le.stride(-1),
-        KIND=KIND_CODES[kind], ACC=tl_dtype(acc), ONE_CHUNK=one_chunk,
+        KIND=KIND_CODES[kind], ACC=tl_dtype(acc), ONE_CHUNK=one_chunk, GRAD_X=need_grad_x,
         SHARED_A=shared[0], SHARED_M=shared[1], SHARED_L=shared[2],
         BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps,
     )
     per_param = []
     for gr, is_sh, t, tail in zip((ga, gm, gl), shared, inputs[1:], ((K,), (K, D), (K, D))):
-        gr = gr.sum(dim=0) if is_sh else gr.view(*batch, *tail)
-        per_param.append(_reduce_to(gr.reshape(t.shape) if is_sh else gr, t))
-    return (_reduce_to(gx.view(*batch, D), x), *per_param)
+        gr = gr.sum(dim=0).reshape(t.shape) if is_sh else gr.view(*batch, *tail)
+        per_param.append(_reduce_to(gr, t))
+    return (_reduce_to(gx.view(*batch, D), x) if need_grad_x else None, *per_param)
+
+
+#: Launches ``fastdensity verify``'s CPU cases never make, compiled for sm_90 by tests/test_sm90_compile.py
+#: (which takes the first and last entry): rows longer than one tile (D > MAX_BLOCK_D), with a mix of
+#: shared and per-row parameters, and the backward without the x gradient (verify always asks for it).
+_CHUNKED = {"ONE_CHUNK": False, "BLOCK_B": 2, "BLOCK_D": MAX_BLOCK_D}
+SM90_VARIANTS = {
+    "_mixture_fwd_kernel": lambda dtype_name: [(_CHUNKED, {"num_warps": 4})],
+    "_mixture_bwd_kernel": lambda dtype_name: [
+        ({**_CHUNKED, "SHARED_A": True, "SHARED_M": False, "SHARED_L": True}, {"num_warps": 4}),
+        ({"GRAD_X": False, "SHARED_A": False, "SHARED_M": True, "SHARED_L": False}, {"num_warps": 4}),
+    ],
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,14 +461,17 @@ def _(x, logits, means, log_scales, kind):
 @torch.library.custom_op("fastdensity::mixture_log_prob_backward", mutates_args=())
 def mixture_log_prob_backward_op(
     grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor,
-    log_prob: torch.Tensor, kind: str,
+    log_prob: torch.Tensor, kind: str, need_grad_x: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return mixture_backward(grad, x, logits, means, log_scales, log_prob, kind)
+    gx, *param_grads = mixture_backward(grad, x, logits, means, log_scales, log_prob, kind, need_grad_x)
+    # A custom op cannot return None: an empty tensor stands for "x needs no gradient".
+    return (gx if need_grad_x else x.new_empty(0), *param_grads)
 
 
 @mixture_log_prob_backward_op.register_fake
-def _(grad, x, logits, means, log_scales, log_prob, kind):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (x, logits, means, log_scales))
+def _(grad, x, logits, means, log_scales, log_prob, kind, need_grad_x):
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_grad_x else x.new_empty(0)
+    return (gx, *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (logits, means, log_scales)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -442,8 +483,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, logits, means, log_scales, log_prob = ctx.saved_tensors
-    grads = mixture_log_prob_backward_op(grad, x, logits, means, log_scales, log_prob, ctx.kind)
-    return (*grads, None)
+    need_x = bool(ctx.needs_input_grad[0])
+    gx, *param_grads = mixture_log_prob_backward_op(grad, x, logits, means, log_scales, log_prob, ctx.kind, need_x)
+    return (gx if need_x else None, *param_grads, None)
 
 
 mixture_log_prob_op.register_autograd(_backward, setup_context=_setup_context)

@@ -122,6 +122,15 @@ def std_log_density(u, KIND: tl.constexpr):
 
 
 @triton.jit
+def _feature_u(xp, mp, ip, rmask, kmask, ACC: tl.constexpr):
+    """One feature d: ``(u [BLOCK_N, BLOCK_K], inv_s [BLOCK_K])`` from x[:, d], mu[:, d] and inv_s[:, d]."""
+    xd = tl.load(xp, mask=rmask, other=0.0).to(ACC)
+    mud = tl.load(mp, mask=kmask, other=0.0)
+    isd = tl.load(ip, mask=kmask, other=0.0)
+    return (xd[:, None] - mud[None, :]) * isd[None, :], isd
+
+
+@triton.jit
 def _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, c_ptr, ks, kmask, D,
                 KIND: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_N, BLOCK_K] log pi_k + log p_k(x_n): one rank-1 update per feature d."""
@@ -130,10 +139,7 @@ def _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, c_ptr, ks, kmask, D,
     mp = mu_ptr + ks * D
     ip = is_ptr + ks * D
     for d in range(0, D):
-        xd = tl.load(xp, mask=rmask, other=0.0).to(ACC)
-        mud = tl.load(mp, mask=kmask, other=0.0)
-        isd = tl.load(ip, mask=kmask, other=0.0)
-        u = (xd[:, None] - mud[None, :]) * isd[None, :]
+        u, _ = _feature_u(xp, mp, ip, rmask, kmask, ACC)
         if KIND == _GAUSSIAN:
             acc += u * u  # the -1/2 and the constants are applied once per tile below
         else:
@@ -197,10 +203,7 @@ def _shared_bwd_x_kernel(
         ip = is_ptr + ks * D
         gp = gx_ptr + rows * D
         for d in range(0, D):
-            xd = tl.load(xp, mask=rmask, other=0.0).to(ACC)
-            mud = tl.load(mp, mask=kmask, other=0.0)
-            isd = tl.load(ip, mask=kmask, other=0.0)
-            u = (xd[:, None] - mud[None, :]) * isd[None, :]
+            u, isd = _feature_u(xp, mp, ip, rmask, kmask, ACC)
             _, df = std_log_density(u, KIND)
             col = tl.sum(w * df * isd[None, :], axis=1)
             # The first component tile writes the column, later ones add to it (read back below).
@@ -244,17 +247,14 @@ def _shared_bwd_params_kernel(
         gmp = gm_ptr + (split * K + ks) * D
         glp = gl_ptr + (split * K + ks) * D
         for d in range(0, D):
-            xd = tl.load(xp, mask=rmask, other=0.0).to(ACC)
-            mud = tl.load(mp, mask=kmask, other=0.0)
-            isd = tl.load(ip, mask=kmask, other=0.0)
-            u = (xd[:, None] - mud[None, :]) * isd[None, :]
+            u, isd = _feature_u(xp, mp, ip, rmask, kmask, ACC)
             _, df = std_log_density(u, KIND)
             gmu = -tl.sum(w * df * isd[None, :], axis=0)
             gls = tl.sum(w * (-u * df - 1.0), axis=0)
             # Own slice of the partial buffers: the first row tile writes, later ones accumulate.
-            first = kmask & (t > 0)
-            tl.store(gmp, tl.load(gmp, mask=first, other=0.0) + gmu, mask=kmask)
-            tl.store(glp, tl.load(glp, mask=first, other=0.0) + gls, mask=kmask)
+            accumulate = kmask & (t > 0)
+            tl.store(gmp, tl.load(gmp, mask=accumulate, other=0.0) + gmu, mask=kmask)
+            tl.store(glp, tl.load(glp, mask=accumulate, other=0.0) + gls, mask=kmask)
             xp += sx_d
             mp += 1
             ip += 1
@@ -294,13 +294,12 @@ def _target_programs(device: torch.device) -> int:
 
 def shared_forward(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor,
                    kind: str) -> torch.Tensor:
-    """log p(x) [N] in the accumulation dtype for x [N, D] (any strides), logits [K], means/log_scales [K, D]."""
+    """log p(x) [N] in the accumulation dtype for x [N >= 1, D] (any strides), logits [K], means/log_scales
+    [K, D]."""
     N, D = x.shape
     K = logits.shape[-1]
     acc = acc_dtype(x.dtype)
     out = empty((N,), dtype=acc, device=x.device)
-    if N == 0:
-        return out
     mu, inv_s, c = _component_constants(logits, means, log_scales, kind, acc)
     block_n, block_k, warps = _tiles(N, K)
     _shared_fwd_kernel[(triton.cdiv(N, block_n),)](
@@ -311,22 +310,23 @@ def shared_forward(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, l
 
 
 def shared_backward(grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor,
-                    log_scales: torch.Tensor, log_prob: torch.Tensor, kind: str):
-    """Gradients ``(dx [N, D], dlogits [K], dmeans [K, D], dlog_scales [K, D])`` in the accumulation dtype."""
+                    log_scales: torch.Tensor, log_prob: torch.Tensor, kind: str, need_grad_x: bool = True):
+    """Gradients ``(dx [N, D], dlogits [K], dmeans [K, D], dlog_scales [K, D])`` in the accumulation dtype
+    for N >= 1 rows; dx is None unless ``need_grad_x`` (its kernel, a whole extra pass over the rows, is
+    then skipped: fitting a mixture to data needs no gradient for the data)."""
     N, D = x.shape
     K = logits.shape[-1]
     acc = acc_dtype(x.dtype)
-    gx = empty((N, D), dtype=acc, device=x.device)
-    if N == 0:
-        zeros = torch.zeros((K, D), dtype=acc, device=x.device)
-        return gx, torch.zeros(K, dtype=acc, device=x.device), zeros, zeros.clone()
     mu, inv_s, c = _component_constants(logits, means, log_scales, kind, acc)
     g = grad.to(acc).contiguous()
     lp = log_prob.to(acc).contiguous()
     block_n, block_k, warps = _tiles(N, K)
     meta = dict(KIND=KIND_CODES[kind], ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    _shared_bwd_x_kernel[(triton.cdiv(N, block_n),)](
-        x, mu, inv_s, c, lp, g, gx, N, K, D, x.stride(0), x.stride(1), **meta)
+    gx = None
+    if need_grad_x:
+        gx = empty((N, D), dtype=acc, device=x.device)
+        _shared_bwd_x_kernel[(triton.cdiv(N, block_n),)](
+            x, mu, inv_s, c, lp, g, gx, N, K, D, x.stride(0), x.stride(1), **meta)
 
     n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
     n_split = min(n_tiles, max(1, triton.cdiv(_target_programs(x.device), k_tiles)))

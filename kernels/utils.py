@@ -4,6 +4,7 @@ Nothing here is a Triton kernel; these are the host-side decisions every launche
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
@@ -42,6 +43,13 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
     if POISON_OUTPUTS:
         out.fill_(float("nan") if out.is_floating_point() else -1)
     return out
+
+
+def on_device_of(t: torch.Tensor):
+    """A context in which kernel launches go to ``t``'s GPU. Triton launches on the *current* CUDA device,
+    which need not be the tensor's (``x.to("cuda:1")`` without ``torch.cuda.set_device(1)``); a no-op for
+    CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,7 +109,9 @@ def row_tile(rows: int, cols: int, max_tile: int = 4096, max_cols: int = 2048) -
 
 
 def warps_for(tile_elems: int) -> int:
-    """Warps per program for an elementwise tile: ~8-16 elements per thread."""
+    """Warps per program for an elementwise tile of ``tile_elems`` (a power of two): 8 to 32 elements per
+    thread from 512 elements up (a 4096-element tile gets 4 warps, 32 elements each). Chosen without a
+    GPU: provisional until the benchmarks have compared it with more warps."""
     if tile_elems >= 8192:
         return 8
     if tile_elems >= 2048:

@@ -2,7 +2,10 @@
 
 On a machine without CUDA the kernels can only run in Triton's interpreter, which must be chosen
 before fastdensity (and with it the kernels) is imported - hence the environment variable is set
-here, at collection time, before any test module imports fastdensity.
+here, at collection time, before any test module imports fastdensity. On a CUDA machine it is left
+as it is: unset, the GPU tier runs the compiled kernels and interpreter-tier tests, which force
+backend "triton" on CPU tensors, must be marked ``requires_interpreter`` (helpers.py) to be skipped;
+``TRITON_INTERPRET=1`` flips both.
 """
 import os
 

@@ -6,7 +6,20 @@ import torch
 
 import fastdensity
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tier: needs a CUDA device")
+try:
+    from fastdensity.kernels.utils import INTERPRETED
+except ImportError:  # no Triton: neither the interpreter tier nor the GPU tier can run
+    INTERPRETED = False
+
+# The GPU tier tests the compiled kernels: it needs CUDA, and TRITON_INTERPRET unset (conftest.py leaves it
+# unset on a CUDA machine). The interpreter tier forces backend "triton" on CPU tensors, which only Triton's
+# interpreter runs; on a CUDA machine it is skipped unless the run sets TRITON_INTERPRET=1 (which in turn
+# skips the GPU tier).
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRETED,
+    reason="GPU tier: needs a CUDA device and compiled kernels (TRITON_INTERPRET unset)")
+requires_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="interpreter tier: the kernels are compiled here (run with TRITON_INTERPRET=1)")
 
 
 def leaves(*tensors):
@@ -38,7 +51,7 @@ def assert_kernel_matches_reference(fn, make_inputs, *, rtol=None, atol=None):
     with fastdensity.set_backend("reference"), torch.no_grad():
         probe = fn(*r_args)
     probe = tuple(probe) if isinstance(probe, (tuple, list)) else (probe,)
-    upstream = [torch.randn(o.shape, dtype=torch.float64) for o in probe]
+    upstream = [torch.randn(o.shape, dtype=torch.float64, device=o.device) for o in probe]
     r_outs, r_grads = run_op(fn, r_args, r_leaves, upstream, "reference")
     k_args, k_leaves = make_inputs()
     k_outs, k_grads = run_op(fn, k_args, k_leaves, upstream, "triton")

@@ -6,7 +6,7 @@ without ``TRITON_INTERPRET``, so that ``fastdensity.kernels`` holds compiled ``J
 Each record is ``[module, kernel, {arg: [kind, value]}, {num_warps, num_stages}]`` as written by the
 test from interpreter launches: ``["ptr", dtype]`` for a tensor, ``["type", "i32" | "i64" | "fp32" |
 "i1"]`` for a runtime scalar, ``["val", v]`` / ``["dtype", name]`` for constexpr values. Prints one
-line per compile and exits 1 if any failed.
+line per compile and exits 1 if any failed or needs more shared memory than an H100 block has.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
+H100_SHARED_MEMORY = 232448  # bytes per block (227 KiB) with the opt-in carve-out, sm_90
 POINTER_TYPES = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16", "int32": "i32",
                  "int64": "i64", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
@@ -68,9 +69,14 @@ def main(path: str) -> int:
         t = time.time()
         try:
             sig, constexprs = signature(fn, args)
-            triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                           target=H100, options=options)
-            print(f"ok   {time.time() - t:5.2f}s {label}", flush=True)
+            compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                      target=H100, options=options)
+            # Shared memory is checked only at launch, on the GPU: a config over the H100's per-block
+            # limit compiles fine here and then fails to launch there.
+            shared = compiled.metadata.shared
+            if shared > H100_SHARED_MEMORY:
+                raise RuntimeError(f"needs {shared} bytes of shared memory; an H100 block has {H100_SHARED_MEMORY}")
+            print(f"ok   {time.time() - t:5.2f}s shared {shared:6d} {label}", flush=True)
         except Exception as exc:  # report every failure, not just the first
             failures += 1
             print(f"FAIL {label}\n     {type(exc).__name__}: {str(exc)[:2000]}", flush=True)

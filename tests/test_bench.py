@@ -5,6 +5,9 @@ import argparse
 import csv
 import math
 import random
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -87,6 +90,42 @@ def test_backward_and_step_calls_return_the_gradients():
     torch.testing.assert_close(ga3, gb3 / a * b + 2 * a)
     with pytest.raises(Unavailable, match="nothing requires grad"):
         harness.make_call(Runner(lambda x: x * 2), [(torch.randn(3),)], "backward")
+
+
+def test_backward_keeps_few_graphs_and_the_step_records_one_up_front():
+    forwards = []
+    runner = Runner(lambda x: forwards.append(1) or (x * 2).sum())
+    sets = [(torch.randn(3, requires_grad=True),) for _ in range(3 * harness.MAX_GRAPHS)]
+    backward = harness.make_call(runner, sets, "backward")
+    assert len(forwards) == harness.MAX_GRAPHS  # one retained graph per set, at most MAX_GRAPHS of them
+    for _ in range(harness.MAX_GRAPHS + 1):
+        (g,) = backward()
+        torch.testing.assert_close(g, torch.full((3,), 2.0))
+    assert len(forwards) == harness.MAX_GRAPHS  # backward calls never re-run the forward
+    forwards.clear()
+    step = harness.make_call(runner, sets, "forward+backward")
+    assert len(forwards) == 1  # only the upstream's shapes were needed
+    step()
+    assert len(forwards) == 2
+
+
+def test_compiled_is_specialised_per_shape(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.update(kwargs) or fn)
+    harness.compiled(lambda x: x + 1)
+    assert seen == {"dynamic": False}
+
+
+def test_commit_of_an_enclosing_repository_is_not_ours(monkeypatch):
+    """A copy installed inside another project's checkout must not report that project's commit."""
+    monkeypatch.setenv("FASTDENSITY_COMMIT", "abc1234")
+
+    def git(argv, **kwargs):
+        return subprocess.CompletedProcess(argv, 0, stdout="/some/other/project\n9999999\n" if "--show-toplevel" in argv
+                                           else "", stderr="")
+
+    monkeypatch.setattr(harness.subprocess, "run", git)
+    assert harness._git_commit() == "abc1234"
 
 
 def test_device_slug_and_name():
@@ -212,6 +251,60 @@ def test_run_suite_respects_the_budget():
     assert {s.kind for s in result.skips} == {"budget", "unavailable"}
 
 
+def test_compiling_providers_get_their_share_of_a_tight_budget(monkeypatch):
+    """Non-compiling providers may not spend the whole op: torch.compile keeps COMPILE_SHARE of it."""
+    clock = [0.0]
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class TenSecondTimer(FixedTimer):
+        def __call__(self, fn):
+            clock[0] += 10.0
+            return super().__call__(fn)
+
+    def make():
+        return (torch.randn(8, requires_grad=True),)
+
+    providers = [Provider("eager", lambda: Runner(lambda x: x.sum())),
+                 Provider("compiled", lambda: Runner(lambda x: x.sum()), compiles=True)]
+    cases = [Case("toy", f"case{i}", torch.float32, make, providers) for i in range(3)]
+    def measured(reserve: float) -> list[tuple[str, str]]:
+        clock[0] = 0.0
+        result = harness.run_suite({"toy": cases}, device=CPU, budget_s=100.0, compile_reserve_s=reserve,
+                                   progress=False, timer=TenSecondTimer(), copy_bytes=2**20, log=lambda s: None)
+        return [(r["provider"], r["shape"]) for r in result.rows[1:]]
+
+    # The copy takes 10 s of 100, leaving 90: eager until 10 + 0.6 * 90 = 64, compiled until 100.
+    assert measured(5.0) == [("eager", "case0")] * 3 + [("eager", "case1")] * 3 + [("compiled", "case0")] * 3
+    # No compilation could start in 0.4 * 90 = 36 s with a 50 s reserve: nothing is kept for it.
+    assert measured(50.0) == [("eager", f"case{i}") for i in range(3) for _ in range(3)]
+
+
+def test_a_timer_that_flushes_the_cache_gets_one_input_set():
+    built = []
+
+    def count(flushes: bool) -> int:
+        built.clear()
+        timer = FixedTimer()
+        timer.flushes_cache = flushes
+        case = Case("toy", "x[4]", torch.float32, lambda: built.append(1) or (torch.randn(4),),
+                    [Provider("eager", lambda: Runner(lambda x: x * 2))], modes=("forward",))
+        harness.run_suite({"toy": [case]}, device=CPU, progress=False, timer=timer, copy_bytes=2**20,
+                          log=lambda s: None)
+        return len(built)
+
+    assert count(flushes=True) == 1  # do_bench on CUDA: L2 is flushed before every call
+    assert count(flushes=False) == harness.rotation_count(16, harness.last_level_cache_bytes(CPU)) > 1
+
+
+def test_without_a_progress_bar_every_row_and_skip_is_logged():
+    lines = []
+    result = harness.run_suite(_synthetic_cases([]), device=CPU, progress=False, timer=FixedTimer(),
+                               copy_bytes=2**20, log=lines.append)
+    assert len(lines) == 1 + (len(result.rows) - 1) + len(result.skips)  # the copy, then one line each
+    assert any("toy x[64] float32 eager forward: median 2 ms" in line for line in lines)
+    assert any(line.startswith("not measured: toy x[64] float32 bad forward: error") for line in lines)
+
+
 def test_compiling_providers_need_the_reserve():
     result = harness.run_suite(_synthetic_cases([]), device=CPU, budget_s=60.0, compile_reserve_s=1e6,
                                progress=False, timer=FixedTimer(), copy_bytes=2**20, log=lambda s: None)
@@ -280,6 +373,39 @@ def test_cpu_tables_name_eager_as_the_subject(tmp_path):
     assert "**0.12x slower**" in line  # compiled 0.5 ms vs eager 4 ms
 
 
+def test_a_comparison_never_mixes_two_runs(tmp_path):
+    """A later run of one op replaces that op's comparisons whole; other ops keep the earlier run."""
+    path = tmp_path / "gpu.csv"
+    writer = harness.ResultsWriter(path)
+    first, second = "2025-01-01T00:00:00Z", "2025-02-01T00:00:00Z"
+    for date, commit, gbps in ((first, "aaaaaaa", 3000.0), (second, "bbbbbbb", 2900.0)):
+        writer.append(_row(op="device_copy", provider="torch", gbps=gbps, date=date, commit=commit))
+    for op in ("one", "two"):
+        for provider, ms in (("fastdensity", 1.0), ("eager", 4.0), ("compiled", 0.5)):
+            writer.append(_row(op=op, provider=provider, median_ms=ms, date=first, commit="aaaaaaa"))
+    for provider, ms in (("fastdensity", 2.0), ("eager", 3.0)):  # the second run measured only these
+        writer.append(_row(op="one", provider=provider, median_ms=ms, date=second, commit="bbbbbbb"))
+    comps = {c["op"]: c for c in report.comparisons(harness.read_rows(path))}
+    assert {p: r["median_ms"] for p, r in comps["one"]["by"].items()} == {"fastdensity": "2", "eager": "3"}
+    assert math.isnan(report.speedup(comps["one"], "compiled"))  # the second run did not measure it
+    assert {p: r["date"] for p, r in comps["two"]["by"].items()} == dict.fromkeys(("fastdensity", "eager",
+                                                                                    "compiled"), first)
+    table = report.markdown_table(harness.read_rows(path))
+    assert "commit bbbbbbb, run 2025-02-01T00:00:00Z, device copy 2900 GB/s" in table
+    assert "commit aaaaaaa, run 2025-01-01T00:00:00Z, device copy 3000 GB/s" in table
+
+
+def test_render_without_matplotlib_still_writes_the_tables(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "gpu.csv"
+    _write_synthetic_csv(path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.BEGIN}\n{report.END}\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    written = report.render([path], tmp_path / "out", readme)
+    assert sorted(p.name for p in written) == ["README.md", "gpu.md"]
+    assert "| coupling |" in readme.read_text() and "no plots for gpu" in capsys.readouterr().err
+
+
 def test_render_writes_markdown_plots_and_readme_block(tmp_path):
     path = tmp_path / "nvidia-h100-80gb-hbm3.csv"
     _write_synthetic_csv(path)
@@ -319,6 +445,36 @@ def test_every_module_builds_cases(quick):
             assert set(case.min_bytes) <= set(harness.MODES)
     with pytest.raises(ValueError, match="unknown benchmark nope"):
         suite.load_cases(["nope"], settings)
+
+
+def test_gpu_case_lists_build(monkeypatch):
+    """The GPU branches of every module (which CI never takes) build the issue's cases, each op case
+    with a byte model for every mode. Built on CPU with ``Settings.cuda`` forced; nothing is run."""
+    monkeypatch.setattr(harness.Settings, "cuda", property(lambda self: True))
+    cases = suite.load_cases(None, harness.Settings(CPU))
+    seen = {(c.op, c.shape, str(c.dtype)) for op_cases in cases.values() for c in op_cases}
+    assert ("gaussian_mixture_log_prob", "shared B=1048576 K=256 D=64", "torch.bfloat16") in seen
+    assert ("dmol_log_prob", "x[64,3,32,32] K=10", "torch.float32") in seen
+    assert {op for op, _, _ in seen if op.startswith("masked_conv2d")} == {
+        f"masked_conv2d_{k}x{k}_{t}" for k in (3, 5, 7) for t in "AB"}
+    assert {op for op, _, _ in seen if op.startswith("train_step_")} == {
+        "train_step_realnvp", "train_step_maf", "train_step_glow", "train_step_pixelcnn"}
+    for op_cases in cases.values():
+        for case in op_cases:
+            # a layer or a model has no single minimum-traffic figure; every op has one per mode
+            whole = case.op == "coupling_layer" or case.op.startswith("train_step_")
+            assert set(case.min_bytes) == (set() if whole else set(harness.MODES)), case.op
+
+
+def test_dmol_traffic_counts_a_float64_output():
+    from fastdensity.benchmarks import bench_dmol
+
+    settings = harness.Settings(CPU)
+    m = 2 * 4 * 4  # pixels of x [2, 3, 4, 4]
+    for dtype, e, o in ((torch.float32, 4, 4), (torch.bfloat16, 2, 4), (torch.float64, 8, 8)):
+        case = bench_dmol._case(settings, 2, 1, 4, dtype)
+        assert case.min_bytes["forward"] == 12 * m + 10 * m * e + 2 * o
+        assert case.min_bytes["forward+backward"] == case.min_bytes["forward"] + case.min_bytes["backward"]
 
 
 def test_quick_inputs_are_real_values():

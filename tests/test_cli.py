@@ -1,9 +1,10 @@
 """The ``fastdensity`` command: train / evaluate / sample end to end on tiny budgets, and their errors."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
-import os
-import subprocess
+import re
+import runpy
 import sys
 
 import numpy as np
@@ -93,14 +94,28 @@ def test_train_on_a_user_file(tmp_path, capsys):
                                                                                .read_text())["test_nll"])
 
 
-def test_python_dash_m_and_console_script():
-    result = subprocess.run([sys.executable, "-m", "fastdensity", "train", "--help"], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0 and "--resume" in result.stdout and "realnvp" in result.stdout
-    script = os.path.join(os.path.dirname(sys.executable), "fastdensity")
-    if os.path.exists(script):  # installed with pip: the console script is the same command
-        result = subprocess.run([script, "sample", "--help"], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0 and "--num-samples" in result.stdout
+def test_model_choices_match_the_registry():
+    """``--model``'s choices are spelled out in the command (so ``--help`` imports no torch): keep them in step."""
+    from fastdensity.commands import train as train_command
+    from fastdensity.models import MODELS
+
+    assert train_command.MODELS == tuple(MODELS)
+
+
+def test_python_dash_m_and_console_script(capsys, monkeypatch):
+    """``python -m fastdensity`` runs ``fastdensity/__main__.py``; here in this interpreter (runpy does what
+    ``-m`` does), as a fresh interpreter costs seconds and test_train's SIGKILL and gloo tests already
+    start ``python -m fastdensity train`` in new processes."""
+    monkeypatch.setattr(sys, "argv", ["fastdensity", "train", "--help"])
+    with pytest.raises(SystemExit) as exit_status:
+        runpy.run_module("fastdensity", run_name="__main__", alter_sys=True)
+    assert exit_status.value.code == 0
+    stdout = capsys.readouterr().out
+    assert "--resume" in stdout and "realnvp" in stdout
+    # The console script that pip writes calls its entry point.
+    scripts = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "fastdensity"]
+    if scripts:  # installed with pip
+        assert scripts[0].load() is cli.main
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,6 +142,7 @@ def _write_bad_files(tmp_path):
     (["--resume"], "cannot resume: no checkpoint at"),
     (["--resume", "--lr", "1e-3"], "--lr cannot change"),
     (["--steps", "0"], "steps must be >= 1"),
+    (["--device", "gpu"], "'gpu' is not a device name PyTorch knows"),
 ])
 def test_train_errors(tmp_path, capsys, args, message):
     _write_bad_files(tmp_path)
@@ -134,8 +150,6 @@ def test_train_errors(tmp_path, capsys, args, message):
     code, _, stderr = run_cli(capsys, *argv)
     assert code == 2
     assert stderr.startswith("fastdensity train: error:")
-    import re
-
     assert re.search(message, stderr), stderr
 
 
@@ -149,6 +163,38 @@ def test_evaluate_and_sample_errors(tmp_path, capsys):
     assert code == 2 and "--out must end in .png or .npy" in stderr
     code, _, stderr = run_cli(capsys, "sample", tmp_path, "-n", 0, "--out", tmp_path / "s.npy")
     assert code == 2 and "-n must be >= 1" in stderr
+    for command in (["evaluate", tmp_path], ["sample", tmp_path, "--out", tmp_path / "s.npy"]):
+        code, _, stderr = run_cli(capsys, *command, "--device", "gpu")
+        assert code == 2 and f"fastdensity {command[0]}: error: device 'gpu' is not a device name" in stderr
+
+
+def test_evaluate_reproduces_a_dequantized_test_nll(tmp_path, capsys):
+    """A continuous model on discrete data is scored through random dequantization noise: by default
+    ``evaluate`` draws the noise training drew for the test split, so it reports training's figure."""
+    code, stdout, stderr = run_cli(capsys, "train", "--model", "gmm", "--data", "digits", "--steps", 2,
+                                   "--out", tmp_path, "--set", "components=2", "--seed", 4, "--no-plots",
+                                   "--no-progress", "--json")
+    assert code == 0, stderr
+    metrics = json.loads(stdout)
+    assert metrics["nll_kind"].startswith("dequantized")
+    code, stdout, _ = run_cli(capsys, "evaluate", tmp_path, "--json")
+    assert code == 0 and json.loads(stdout)["nll"] == pytest.approx(metrics["test_nll"], rel=1e-12)
+    code, stdout, _ = run_cli(capsys, "evaluate", tmp_path, "--json", "--seed", 0)  # other noise, other figure
+    assert code == 0 and json.loads(stdout)["nll"] != pytest.approx(metrics["test_nll"], rel=1e-9)
+
+
+def test_evaluate_finds_the_training_split_of_a_file_given_by_another_path(tmp_path, capsys, monkeypatch):
+    """A run on a file with a non-default split seed: evaluating the same file by a relative path scores the
+    same test split (the stored seed is used), so the NLL is training's own figure."""
+    from fastdensity.train import TrainConfig, train
+
+    np.save(tmp_path / "points.npy", np.random.default_rng(1).normal(size=(200, 2)).astype(np.float32))
+    metrics = train(TrainConfig(model="gmm", data=str(tmp_path / "points.npy"), split_seed=7, steps=2, device="cpu",
+                                model_args={"components": 2}, out=str(tmp_path / "run")), progress=False, plots=False)
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run_cli(capsys, "evaluate", "run", "--data", "points.npy", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["nll"] == pytest.approx(metrics["test_nll"], rel=1e-12)
 
 
 def test_non_finite_loss_exits_1_naming_the_step(tmp_path, capsys, monkeypatch):

@@ -150,7 +150,15 @@ def test_npy_and_npz_files(tmp_path):
 
     np.savez(tmp_path / "only_train.npz", train=vec)
     d = fdata.load_data(str(tmp_path / "only_train.npz"))
-    assert d.train.shape[0] + d.valid.shape[0] + d.test.shape[0] == 50 and d.valid.shape[0] >= 1
+    assert (d.train.shape[0], d.valid.shape[0], d.test.shape[0]) == (40, 5, 5)
+
+    # One split missing: only it is carved out of train (90/10); no row of train is dropped.
+    np.savez(tmp_path / "no_valid.npz", train=vec[:40], test=vec[40:])
+    d = fdata.load_data(str(tmp_path / "no_valid.npz"))
+    assert (d.train.shape[0], d.valid.shape[0]) == (36, 4)
+    assert torch.equal(d.test, torch.from_numpy(vec[40:]).float())
+    first_column = torch.cat([d.train, d.valid])[:, 0].sort().values
+    assert torch.equal(first_column, torch.from_numpy(vec[:40, 0]).float().sort().values)
 
 
 def test_missing_file():
@@ -199,6 +207,9 @@ def test_other_bad_files(tmp_path):
     np.savez(tmp_path / "mismatch.npz", train=np.zeros((5, 2)), test=np.zeros((5, 3)))
     with pytest.raises(ValueError, match="must match 'train'"):
         fdata.load_data(str(tmp_path / "mismatch.npz"))
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 but no zip archive after the magic")
+    with pytest.raises(ValueError, match="could not be read as a NumPy .npz file"):
+        fdata.load_data(str(tmp_path / "broken.npz"))
     (tmp_path / "garbage.npy").write_bytes(b"not numpy at all")
     with pytest.raises(ValueError, match="is not a NumPy .npy/.npz file"):
         fdata.load_data(str(tmp_path / "garbage.npy"))
@@ -250,6 +261,9 @@ def test_identity_preprocess_and_config_round_trip():
     x = torch.randn(4, 2)
     y, logdet = fdata.Identity().encode(x)
     assert y is x and torch.equal(logdet, torch.zeros(4))
+    levels = torch.randint(0, 17, (4, 1, 2, 2), dtype=torch.uint8)  # a discrete model gets its levels as they are
+    y, logdet = fdata.Identity().encode(levels)
+    assert y is levels and logdet.dtype == torch.float32 and torch.equal(logdet, torch.zeros(4))
     for pre in (fdata.Identity(), fdata.Dequantize(5, 0.1), fdata.Dequantize(256, None)):
         again = fdata.make_preprocess(pre.config())
         assert type(again) is type(pre) and again.config() == pre.config()

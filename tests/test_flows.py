@@ -11,6 +11,7 @@ import fastdensity
 from fastdensity import Flow, StandardNormal, DiagonalNormal
 from fastdensity.nn import (ActNorm, AdditiveCoupling, AffineCoupling, CompositeTransform, InvConv1x1,
                             RandomPermutation, ReversePermutation, Squeeze)
+from helpers import requires_interpreter
 
 
 def mlp(hidden=8):
@@ -190,6 +191,7 @@ def test_squeeze_moves_patches_to_channels():
     assert z[0, 0 * 4 + 0 * 2 + 1, 0, 1] == x[0, 0, 0, 3]
 
 
+@requires_interpreter
 @pytest.mark.parametrize("make", [lambda: AffineCoupling(torch.tensor([0, 1, 0, 1]), conv_net()),
                                   lambda: AffineCoupling(torch.tensor([1, 0, 1]), mlp())])
 def test_coupling_layer_kernel_matches_reference(make):
@@ -208,6 +210,7 @@ def test_coupling_layer_kernel_matches_reference(make):
         torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-5)
 
 
+@requires_interpreter
 def test_compiled_glow_step_has_no_graph_break():
     torch._dynamo.reset()
     flow = Flow(glow_like_flow(C=4), StandardNormal([4, 3, 3]))
@@ -222,6 +225,32 @@ def test_compiled_glow_step_has_no_graph_break():
     torch.testing.assert_close(lp, lp_eager, rtol=1e-5, atol=1e-5)
     for gc, ge in zip(grads_c, grads_e):
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
+
+
+def test_coupling_under_autocast_follows_the_input_dtype():
+    """Under autocast the conditioner returns bfloat16 while x stays float32 (nflows works there too): the
+    layer computes in x's dtype, the net's output cast up as type promotion would."""
+    layer = _perturb(AffineCoupling(torch.tensor([1, 0, 1, 0]), mlp()))
+    x = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, logdet = layer(x)
+        h = layer.transform_net(x[:, 1::2])  # what the layer's net returned
+    assert h.dtype == torch.bfloat16 and z.dtype == torch.float32 and logdet.dtype == torch.float32
+    h = h.float()
+    s = torch.sigmoid(h[:, 2:] + 2) + 1e-3
+    torch.testing.assert_close(z[:, 0::2], x[:, 0::2] * s + h[:, :2])
+    torch.testing.assert_close(logdet, s.log().sum(1))
+    torch.testing.assert_close(z[:, 1::2], x[:, 1::2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: ActNorm(3), lambda: InvConv1x1(3)], ids=["actnorm", "invconv"])
+def test_per_channel_layers_take_an_empty_batch_and_return_a_real_logdet(make):
+    layer = make().eval()  # eval: no data-dependent initialisation from an empty batch
+    z, logdet = layer(torch.randn(0, 3, 4, 4))
+    assert z.shape == (0, 3, 4, 4) and logdet.shape == (0,)
+    z, logdet = layer(torch.randn(2, 3, 4, 4))
+    logdet += 1.0  # a real [B] tensor: a stride-0 expand would refuse this in-place update
+    assert logdet.shape == (2,)
 
 
 def test_bad_inputs_are_named():

@@ -287,19 +287,56 @@ def test_output_follows_the_input_memory_format(impl):
     assert out.is_contiguous()
 
 
-@pytest.mark.parametrize("impl", ["triton", "dense", "split"])
+@pytest.mark.parametrize("impl", ["reference", "triton", "dense", "split"])
 def test_dead_weights_get_exact_zero_gradient_and_are_never_read(impl):
     x = torch.randn(2, 6, 5, 5, requires_grad=True)
     w = torch.randn(6, 6, 5, 5)
     live = ref.pixelcnn_mask(6, 6, 5, 5, "A", 3, dtype=torch.bool)
     w_nan = torch.where(live, w, float("nan")).requires_grad_()  # poison every dead weight
-    out = torch.ops.fastdensity.masked_conv2d(x, w_nan, None, "A", 3, [1, 1], [2, 2], [1, 1], impl, True)
+    if impl == "reference":  # the CPU path of the public op must keep the same promise
+        out = ref.masked_conv2d(x, w_nan, mask_type="A", color_groups=3)
+    else:
+        out = torch.ops.fastdensity.masked_conv2d(x, w_nan, None, "A", 3, [1, 1], [2, 2], [1, 1], impl, True)
     expected = ref.masked_conv2d(x.detach(), w, mask_type="A", color_groups=3)
     torch.testing.assert_close(out.detach(), expected, rtol=2e-5, atol=2e-5)
     gx, gw = torch.autograd.grad((out * torch.randn_like(out)).sum(), (x, w_nan))
     assert torch.isfinite(gx).all()
     assert torch.equal(gw[~live], torch.zeros_like(gw[~live]))  # exactly zero, not just small
     assert (gw[live] != 0).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "dense", "split"])
+def test_tap_major_weight_is_read_never_written(impl):
+    # A weight whose memory is [KH, KW, C_out, C_in] (e.g. converted from a framework that stores HWOI)
+    # already has the layout of the kernel's packed live taps. Packing must still copy it: zeroing the
+    # forbidden centre pairs in place would write into the caller's parameter.
+    hwoi = torch.randn(3, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    before = hwoi.detach().clone()
+    w = hwoi.permute(2, 3, 0, 1)
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.fastdensity.masked_conv2d(x, w, None, "A", 3, [1, 1], [1, 1], [1, 1], impl, True)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad((out * upstream).sum(), (x, hwoi))
+    assert torch.equal(hwoi.detach(), before), "the op wrote into its weight"
+    x_r, w_r = leaves(x, before.permute(2, 3, 0, 1).contiguous())
+    out_r = ref.masked_conv2d(x_r, w_r, mask_type="A", color_groups=3)
+    grads_r = torch.autograd.grad((out_r * upstream).sum(), (x_r, w_r))
+    torch.testing.assert_close(out, out_r)
+    torch.testing.assert_close(grads[0], grads_r[0])
+    torch.testing.assert_close(grads[1], grads_r[1].permute(2, 3, 0, 1))
+
+
+def test_launchers_refuse_samples_past_int32_offsets():
+    # One sample of 4 x 2**16 x 2**15 = 2**33 elements: offsets within a sample are int32 in the kernels,
+    # so every launcher must refuse it rather than wrap (meta tensors: nothing is allocated or run).
+    x = torch.empty(1, 4, 2**16, 2**15, device="meta")
+    w = torch.empty(4, 4, 3, 3, device="meta")
+    g = km.geometry(x, w, "B", 1, (1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="int32 offsets; this one spans 8589934592 elements"):
+        km.triton_forward(x, w, None, g)
+    for need_x, need_w in ((True, False), (False, True)):
+        with pytest.raises(ValueError, match="int32 offsets"):
+            km.triton_backward(torch.empty_like(x), x, w, g, need_x, need_w)
 
 
 def test_grad_weight_split_into_partial_sums(monkeypatch):
@@ -397,6 +434,16 @@ def test_nan_input_propagates_only_forward_in_raster_order():
     assert nan[1, 3] and nan[2, 1:].all() and nan.sum() == 4
 
 
+def test_registration_passes_opcheck():
+    """torch.library.opcheck: the schema, the autograd registration, and fake (meta) outputs with
+    exactly the real outputs' shapes, dtypes and strides (channels_last here), also under
+    dynamic-shape AOT tracing."""
+    x = torch.randn(2, 6, 5, 4, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x, w, b = leaves(x, torch.randn(9, 6, 3, 3, dtype=torch.float64), torch.randn(9, dtype=torch.float64))
+    torch.library.opcheck(torch.ops.fastdensity.masked_conv2d.default,
+                          (x, w, b, "A", 3, [1, 1], [1, 1], [1, 1], "triton", True))
+
+
 def test_compile_fullgraph_runs_the_kernel():
     torch._dynamo.reset()
     layers = torch.nn.ModuleList([MaskedConv2d(3, 6, 5, "A", color_groups=3),
@@ -491,7 +538,8 @@ def test_tuner_rules_out_a_failing_candidate_and_survives_a_corrupt_file(tmp_pat
 
 def test_tuner_keys_carry_the_library_versions():
     text = dispatch.CachedAutotuner.key_string({"a": 1})
-    assert json.loads(text) == {"a": 1, "torch": torch.__version__, "triton": __import__("triton").__version__}
+    assert json.loads(text) == {"a": 1, "fastdensity": fastdensity.__version__, "torch": torch.__version__,
+                                "triton": __import__("triton").__version__}
 
 
 def test_cache_dir_precedence(monkeypatch, tmp_path):
@@ -725,7 +773,9 @@ def test_gpu_auto_dispatch_measures_once_and_caches(tmp_path, monkeypatch):
 @requires_cuda
 @pytest.mark.gpu
 def test_gpu_past_int32_offsets():
-    """More than 2**31 elements in x: the batch offset must be 64-bit or the last samples are garbage."""
+    """More than 2**31 elements in x: the batch offset must be 64-bit or the last samples are garbage.
+    The upstream gradient is non-zero on the last sample only, so grad_weight (a sum over every pixel
+    of every sample) is that sample's alone and checks the grad-weight kernel's offsets too."""
     C, H, W = 64, 64, 64
     N = 2**31 // (C * H * W) + 2
     free, _ = torch.cuda.mem_get_info()
@@ -733,11 +783,19 @@ def test_gpu_past_int32_offsets():
     if free < need:
         pytest.skip(f"needs ~{need / 2**30:.0f} GiB free on the GPU, has {free / 2**30:.0f}")
     x = torch.randn(N, C, H, W, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(C, C, 3, 3, device="cuda") / 24).to(torch.bfloat16)
+    w = (torch.randn(C, C, 3, 3, device="cuda") / 24).to(torch.bfloat16).requires_grad_(True)
     with fastdensity.set_backend("triton"):
         out = ops.masked_conv2d(x, w)
-    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
-    last = x[-1:].detach().double()
-    torch.testing.assert_close(out[-1:].double(), ref.masked_conv2d(last, w.double()), rtol=2e-2, atol=2e-2)
-    gx_ref = torch.autograd.grad(ref.masked_conv2d(last.requires_grad_(), w.double()).sum(), last)[0]
+    upstream = torch.zeros_like(out)
+    upstream[-1] = 1
+    gx, gw = torch.autograd.grad(out, (x, w), upstream)
+    del upstream
+    last, w64 = leaves(x[-1:].double(), w.double())
+    out_ref = ref.masked_conv2d(last, w64)
+    # bf16 outputs of O(1) values: a rounding of 2**-9 relative, well inside 2e-2.
+    torch.testing.assert_close(out[-1:].double(), out_ref.detach(), rtol=2e-2, atol=2e-2)
+    gx_ref, gw_ref = torch.autograd.grad(out_ref.sum(), (last, w64))
     torch.testing.assert_close(gx[-1:].double(), gx_ref, rtol=2e-2, atol=5e-2)
+    assert torch.count_nonzero(gx[:-1]) == 0  # no other sample received anything
+    # grad_weight: fp32 sums of up to 4096 bf16 products (|value| ~ 64), rounded once to bf16.
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=2e-2, atol=1e-1)

@@ -147,7 +147,7 @@ CASES = [
     ("all-one mask", (3,), 21, 35, lambda n, k: torch.ones(n, k, dtype=torch.bool), "plain"),
     ("float 0/1 mask", (7,), 29, 31, lambda n, k: random_mask(n, k).float(), "plain"),
     ("in < 16, out = 1", (9,), 3, 1, lambda n, k: torch.ones(n, k, dtype=torch.bool), "plain"),
-    ("transposed x, weight and mask views", (5,), 34, 18, lambda n, k: random_mask(n, k), "transposed"),
+    ("transposed x, weight and mask, strided bias", (5,), 34, 18, lambda n, k: random_mask(n, k), "transposed"),
     ("no bias", (4,), 33, 17, lambda n, k: made_hidden_mask(n, k, 5), "nobias"),
 ]
 
@@ -168,12 +168,15 @@ def _make_inputs(lead, k, n, mask_fn, layout, dtype):
     else:
         base_x = torch.randn(*lead, k, dtype=dtype)
         base_w = torch.randn(n, k, dtype=dtype)
-    base_b = None if layout == "nobias" else torch.randn(n, dtype=dtype)
+    if layout == "nobias":
+        base_b = None
+    else:  # "transposed": the bias is a column of a wider tensor (stride 2), e.g. params[:, 0]
+        base_b = torch.randn(n, 2, dtype=dtype) if layout == "transposed" else torch.randn(n, dtype=dtype)
 
     def make():
         x, w, b = leaves(base_x, base_w, base_b)
-        xv, wv = (x.movedim(0, -1), w.t()) if layout == "transposed" else (x, w)
-        return (xv, wv, mask, b), [t for t in (x, w, b) if t is not None]
+        xv, wv, bv = (x.movedim(0, -1), w.t(), b[:, 1]) if layout == "transposed" else (x, w, b)
+        return (xv, wv, mask, bv), [t for t in (x, w, b) if t is not None]
 
     return make
 
@@ -233,6 +236,14 @@ def test_kernel_gradcheck():
     # interpreted launches otherwise); any wrong gradient entry still shows up in the projection.
     with fastdensity.set_backend("triton"):
         assert torch.autograd.gradcheck(lambda x, w, b: ops.masked_linear(x, w, mask, b), (x, w, b), fast_mode=True)
+
+
+def test_registration_passes_opcheck():
+    """torch.library.opcheck: the schema, the autograd registration, and fake (meta) outputs with
+    exactly the real outputs' shapes, dtypes and strides, also under dynamic-shape AOT tracing."""
+    x = torch.randn(3, 2, 20, dtype=torch.float64).transpose(0, 1)  # leading dims that do not flatten
+    x, w, b_wide = leaves(x, torch.randn(17, 20, dtype=torch.float64), torch.randn(17, 2, dtype=torch.float64))
+    torch.library.opcheck(torch.ops.fastdensity.masked_linear.default, (x, w, random_mask(17, 20), b_wide[:, 1]))
 
 
 @pytest.mark.parametrize("need", ["x", "weight", "bias"])

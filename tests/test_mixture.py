@@ -201,11 +201,78 @@ def test_shared_path_is_taken(monkeypatch, shared_path):
     assert calls == ["fwd", "bwd"]
 
 
+@pytest.mark.parametrize("kind,path", [("gaussian", "per-sample"), ("logistic", "per-sample"), ("gaussian", "shared")])
+def test_kernel_float32_within_the_gpu_rule(monkeypatch, kind, path):
+    """The GPU tier's rule (fastdensity.testing.compare) in float32, where the interpreter computes like a
+    GPU up to its exp/log: |log p| ~ 100 (D = 32 narrow-ish Gaussians), so the weights exp(v_k - log p)
+    are only as good as the cancellation of the dominant score's rounding, which eager gets by computing
+    log p from the very scores it differentiates. The backward must round its scores as the forward did."""
+    monkeypatch.setattr(kmix, "SHARED_MIN_KD", 1 if path == "shared" else 10 ** 9)
+    B, K, D = 32, 4, 32
+    g = torch.Generator().manual_seed(0)
+    batch = () if path == "shared" else (B,)
+    base = (torch.randn(B, D, generator=g), torch.randn(*batch, K, generator=g),
+            torch.randn(*batch, K, D, generator=g), 0.5 * torch.randn(*batch, K, D, generator=g))
+    upstream = torch.randn(B, dtype=torch.float64, generator=g)
+    runs = []
+    for backend, cast in [("triton", lambda t: t), ("reference", lambda t: t), ("reference", lambda t: t.double())]:
+        args = leaves(*(cast(t) for t in base))
+        with fastdensity.set_backend(backend):
+            out = OPS[kind](*args)
+        runs.append([out, *torch.autograd.grad((out.double() * upstream).sum(), args)])
+    for name, k, e, r in zip(["log_prob", "grad_x", "grad_logits", "grad_means", "grad_log_scales"], *runs):
+        result = compare(name, k, e, r)
+        assert result.passed, str(result)
+
+
+@pytest.mark.parametrize("path", ["per-sample", "shared"])
+def test_kernel_parameters_as_expanded_views(monkeypatch, path):
+    """Parameters passed as ``expand()`` views of [K] / [K, D] tensors (stride 0 along the batch): the
+    gradients with respect to the views are per row, as for any [B, K, D] input, and reach the bases."""
+    monkeypatch.setattr(kmix, "SHARED_MIN_KD", 1 if path == "shared" else 10 ** 9)
+    B, K, D = 5, 3, 2
+    logits, means, log_scales = _params((), (), K, D)
+    x = torch.randn(B, D, dtype=torch.float64)
+
+    def make():
+        xl, *bases = leaves(x, logits, means, log_scales)
+        views = [bases[0].expand(B, K), bases[1].expand(B, K, D), bases[2].expand(B, K, D)]
+        return (xl, *views), [xl, *views, *bases]
+
+    assert_kernel_matches_reference(ops.gaussian_mixture_log_prob, make)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-sample", "shared"])
+def test_kernel_without_grad_for_x(monkeypatch, shared):
+    """x as plain data (fitting a mixture): the parameters' gradients are unchanged, and the shared path
+    skips the kernel that would compute the unused x gradient."""
+    monkeypatch.setattr(kmix, "SHARED_MIN_KD", 1 if shared else 10 ** 9)
+
+    class Unlaunchable:  # stands in for the x-gradient kernel: launching it, kernel[grid](...), fails
+        def __getitem__(self, grid):
+            raise AssertionError("the x-gradient kernel ran although x needs no gradient")
+
+    monkeypatch.setattr(kshared, "_shared_bwd_x_kernel", Unlaunchable())
+    batch = () if shared else (6,)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    params = _params(batch, batch, 4, 3)
+    p_ref, p_ker = leaves(*params), leaves(*params)
+    upstream = torch.randn(6, dtype=torch.float64)
+    g_ref = torch.autograd.grad((ref.gaussian_mixture_log_prob(x, *p_ref) * upstream).sum(), p_ref)
+    with fastdensity.set_backend("triton"):
+        g_ker = torch.autograd.grad((ops.gaussian_mixture_log_prob(x, *p_ker) * upstream).sum(), p_ker)
+    for k, r in zip(g_ker, g_ref):
+        torch.testing.assert_close(k, r)
+
+
+@pytest.mark.parametrize("path", ["per-sample", "shared"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_kernel_extreme_values(kind, small_tiles):
+def test_kernel_extreme_values(monkeypatch, kind, path, small_tiles):
     """Far tails (|u| up to ~1e3), a zero-weight component (-inf logit), narrow and wide scales."""
-    logits, means, log_scales = _params((5,), (5,), 3, 4)
-    logits[:, 1] = -math.inf
+    monkeypatch.setattr(kmix, "SHARED_MIN_KD", 1 if path == "shared" else 10 ** 9)
+    batch = () if path == "shared" else (5,)
+    logits, means, log_scales = _params(batch, batch, 3, 4)
+    logits[..., 1] = -math.inf
     log_scales[0] = -6.0
     log_scales[1] = 4.0
     x = torch.randn(5, 4, dtype=torch.float64)

@@ -219,6 +219,29 @@ def test_pixelcnn_rgb_with_power_of_two_levels():
     assert model.sample(2).shape == (2, 3, 3, 3)
 
 
+def test_pixelcnn_rgb_probabilities_sum_to_one():
+    """Every RGB image of 1 x 2 pixels at 2 levels (64 images): the type-A mask hides the whole current
+    pixel from its parameters and the head couples G to R and B to R, G inside it, so the model is a
+    distribution over images."""
+    model = _pixelcnn((3, 1, 2), levels=2)
+    images = torch.tensor(list(itertools.product(range(2), repeat=6))).view(-1, 3, 1, 2)
+    with torch.no_grad():
+        total = model.log_prob(images).exp().sum().item()
+    # At 2 levels both bins are the open-ended edge bins (no small-mass substitution): exact up to
+    # float64 rounding.
+    assert abs(total - 1) < 1e-12, total
+
+
+def test_pixelcnn_takes_levels_in_any_integer_dtype():
+    """uint8 (how digits and 8-bit image files arrive), int32, int64 and integral floats: the same result."""
+    model = _pixelcnn((1, 3, 3), levels=5)
+    v = torch.randint(0, 5, (4, 1, 3, 3))
+    with torch.no_grad():
+        expected = model.log_prob(v)
+        for dtype in (torch.uint8, torch.int32, torch.float32):
+            assert torch.equal(model.log_prob(v.to(dtype)), expected), dtype
+
+
 # ------------------------------------------------------------------------------------------------
 # Gaussian mixture
 # ------------------------------------------------------------------------------------------------
@@ -317,7 +340,8 @@ def test_sizes_match_zuko():
     assert _count(ours) - actnorm == _count(zuko.flows.RealNVP(D, transforms=L, hidden_features=[H, H]))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("nflows") is None, reason="nflows (a peer, the 'peers' extra) not installed")
+@pytest.mark.skipif(importlib.util.find_spec("nflows") is None,
+                    reason="nflows (a peer, the 'peers' extra) not installed")
 def test_sizes_match_nflows():
     from nflows.flows import MaskedAutoregressiveFlow
     from nflows.flows.realnvp import SimpleRealNVP

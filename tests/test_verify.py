@@ -90,6 +90,30 @@ def test_a_raising_kernel_fails_and_a_missing_op_is_skipped(monkeypatch):
     assert "skipped: fastdensity.ops.affine_coupling is not in this build" in table
 
 
+def test_an_exception_while_comparing_fails_only_its_case(monkeypatch):
+    """A kernel output of the wrong shape makes compare() raise: that case fails, the run goes on."""
+    real = verify.compare
+
+    def picky(name, *tensors):
+        if name == "logdet":
+            raise ValueError("logdet: shapes differ")
+        return real(name, *tensors)
+
+    monkeypatch.setattr(verify, "compare", picky)
+    outcomes = verify.verify(CPU, ["affine_coupling"], [torch.float64])
+    assert len(outcomes) == 3 and all(not o.passed for o in outcomes)
+    assert all(o.error == "comparison: ValueError: logdet: shapes differ" for o in outcomes)
+
+
+def test_cases_take_every_op_before_any_op_twice():
+    """Round-robin order: a run cut short by its time limit has still checked every op once."""
+    for cuda in (False, True):
+        device = torch.device("cuda" if cuda else "cpu")
+        names = [c.op for c in verify.cases(device)]
+        assert names[:len(verify.BUILDERS)] == list(verify.BUILDERS)
+        assert sorted(names) == sorted(c.op for build in verify.BUILDERS.values() for c in build(cuda))
+
+
 def test_every_op_has_cases_on_both_devices():
     assert set(verify.BUILDERS) == {"affine_coupling", "logsumexp", "gaussian_mixture_log_prob",
                                     "logistic_mixture_log_prob", "dmol_log_prob", "masked_conv2d", "masked_linear"}
@@ -104,11 +128,16 @@ def test_every_op_has_cases_on_both_devices():
     assert verify.dtypes_for(CPU) == [torch.float32, torch.float64]
 
 
-def test_cli_reruns_itself_under_the_interpreter():
-    """Started without TRITON_INTERPRET, `verify --device cpu` must re-run in a child that sets it."""
+def test_cli_reruns_itself_under_the_interpreter(tmp_path):
+    """Started without TRITON_INTERPRET, `fastdensity verify --device cpu` must re-run in a child that
+    sets it, and that child must import the same fastdensity as its parent, even from a folder (a
+    source checkout, say) whose own fastdensity/ would come first on `python -m`'s path."""
+    (tmp_path / "fastdensity").mkdir()
+    (tmp_path / "fastdensity" / "__init__.py").write_text("raise ImportError('the wrong fastdensity')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "fastdensity.commands.verify", "--device", "cpu",
-                           "--op", "logsumexp", "--dtype", "float64"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    # The parent, like the console script, imports the installed package, not the folder it runs in.
+    parent = "import sys; sys.path.remove(''); from fastdensity.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", parent, "verify", "--device", "cpu", "--op", "logsumexp",
+                           "--dtype", "float64"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Triton's interpreter" in done.stdout and "0 failed" in done.stdout

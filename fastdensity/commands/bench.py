@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's; use 1 on a machine other jobs are loading)")
     parser.add_argument("--results", type=Path, default=None, metavar="DIR", help="folder of <device-slug>.csv")
     parser.add_argument("--no-save", action="store_true", help="write no CSV")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar; each measurement and skip is printed as it happens instead")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
 
 

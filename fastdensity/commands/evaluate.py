@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="built-in name or .npy/.npz file (default: the data the checkpoint was trained on)")
     parser.add_argument("--split", choices=("test", "valid", "train"), default="test", help="which split to score")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise (discrete data)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the dequantization noise (continuous models on discrete data; default: the "
+                             "one training scored this split with, so the figures match metrics.json)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -41,23 +43,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, split: str = "test", device: str = "auto",
-                        seed: int = 0) -> dict:
-    """Score ``checkpoint`` on a split of ``data`` (default: its own data); returns a plain dict."""
-    import torch
+                        seed: int | None = None) -> dict:
+    """Score ``checkpoint`` on a split of ``data`` (default: its own data); returns a plain dict.
+
+    ``seed`` seeds the dequantization noise; None takes the seed training used for that split.
+    """
+    import os
 
     from fastdensity import data as fdata
     from fastdensity import train as ftrain
 
     ckpt = ftrain.load_checkpoint(checkpoint)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = ftrain.resolve_device(device)
     model, preprocess = ftrain.model_from_checkpoint(ckpt, dev)
     stored = ckpt["data"]
     source = data or stored["source"]
-    same = source == stored["source"] or (data is not None and data == stored["name"] and stored["source"] == data)
+    # The training data (a built-in name, or the same file by another path) gets its training splits back;
+    # other data is split with the default seed.
+    same = source == stored["source"] or (
+        os.path.exists(source) and os.path.abspath(source) == os.path.abspath(stored["source"]))
     ds = fdata.load_data(source, split_seed=int(stored["split_seed"]) if same else 0)
     ftrain.check_data_matches(model, preprocess, ds)
     x = {"test": ds.test, "valid": ds.valid, "train": ds.train}[split]
+    if seed is None:
+        seed = int(ckpt["config"]["seed"]) + ftrain.EVAL_SEED_OFFSET[split]
     result = ftrain.evaluate(model, x, ds, preprocess, device=dev, seed=seed)
     out = {"model": model.name, "data": ds.name, "split": split, "nll": result["nll"],
            "nll_stderr": result["nll_stderr"], "bits_per_dim": result["bits_per_dim"],

@@ -42,9 +42,7 @@ def sample_checkpoint(checkpoint: str, num_samples: int, out: str, *, seed: int 
     if ext not in (".png", ".npy"):
         raise ValueError(f"--out must end in .png or .npy; got {out!r}")
     ckpt = ftrain.load_checkpoint(checkpoint)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    model, preprocess = ftrain.model_from_checkpoint(ckpt, dev)
+    model, preprocess = ftrain.model_from_checkpoint(ckpt, ftrain.resolve_device(device))
     torch.manual_seed(seed)
     samples = ftrain.draw_samples(model, preprocess, num_samples)
     directory = os.path.dirname(os.path.abspath(out))
@@ -54,7 +52,8 @@ def sample_checkpoint(checkpoint: str, num_samples: int, out: str, *, seed: int 
         if not samples.is_floating_point():
             levels = ckpt["data"].get("levels") or 0
             array = array.astype(np.uint8 if 0 < levels <= 256 else np.int32)
-        np.save(out, array, allow_pickle=False)
+        with open(out, "wb") as f:  # a file object: np.save would append ".npy" to a name ending in ".NPY"
+            np.save(f, array, allow_pickle=False)
     else:
         ftrain.save_samples_png(samples, out, title=f"{model.name} samples ({ckpt['data']['name']})")
     return out

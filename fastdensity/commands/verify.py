@@ -58,7 +58,14 @@ def run(args: argparse.Namespace) -> int:
             return 2
         env = dict(os.environ, TRITON_INTERPRET="1")
         args.device = "cpu"
-        return subprocess.call([sys.executable, "-m", "fastdensity.commands.verify", *_argv(args)], env=env)
+        # `python -m` puts its working folder first on sys.path. Started from a source checkout, the
+        # child would import the source folder fastdensity/, which lacks the kernels/ mapping of an
+        # installed copy; from the folder that holds the package this process imported, it gets that.
+        import fastdensity
+
+        home = os.path.dirname(os.path.dirname(os.path.abspath(fastdensity.__file__)))
+        return subprocess.call([sys.executable, "-m", "fastdensity.commands.verify", *_argv(args)], env=env,
+                               cwd=home)
 
     from fastdensity import verify
 

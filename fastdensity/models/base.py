@@ -25,6 +25,9 @@ from torch import nn
 
 __all__ = ["DensityModel", "check_shape", "mlp", "ConvNet"]
 
+# Options of the flows that apply to one kind of data only (RealNVP and Glow share them).
+_IMAGE_OPTIONS, _VECTOR_OPTIONS = ("num_blocks", "num_scales"), ("num_hidden",)
+
 
 def check_shape(name: str, shape: Sequence[int], dims: tuple[int, ...]) -> tuple[int, ...]:
     """``shape`` as a tuple of positive ints with one of ``dims`` entries, or a ValueError naming it."""
@@ -36,6 +39,44 @@ def check_shape(name: str, shape: Sequence[int], dims: tuple[int, ...]) -> tuple
         expected = " or ".join({1: "[D]", 3: "[C, H, W]"}[d] for d in dims)
         raise ValueError(f"{name} models data of shape {expected} per example; got shape {list(shape)}")
     return shape
+
+
+def reject_other_kind_options(model: str, image: bool, **options) -> None:
+    """ValueError for options given (not None) that belong to the other kind of data: vector-only
+    options on images and image-only options on vectors."""
+    wrong = [k for k, v in options.items() if v is not None and k in (_VECTOR_OPTIONS if image else _IMAGE_OPTIONS)]
+    if wrong:
+        kind = "vectors ([D])" if image else "images ([C, H, W])"
+        raise ValueError(f"{model}: {', '.join(wrong)} applies to {kind} only")
+
+
+def at_least(name: str, value, minimum: int) -> int:
+    """``int(value)``, or a ValueError naming ``name`` when it is below ``minimum``."""
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return value
+
+
+def halvings(shape: Sequence[int], smallest: int, most: int) -> int:
+    """How many times (at most ``most``) H and W of ``shape`` = [C, H, W] halve evenly and stay at least
+    ``smallest``: the number of squeezes a multi-scale flow's default makes."""
+    _, h, w = shape
+    count = 0
+    while count < most and h % 2 == 0 and w % 2 == 0 and h // 2 >= smallest and w // 2 >= smallest:
+        count, h, w = count + 1, h // 2, w // 2
+    return count
+
+
+def check_scales(model: str, shape: Sequence[int], num_scales: int, squeezes: int) -> None:
+    """ValueError unless ``num_scales >= 1`` and H, W of ``shape`` survive ``squeezes`` halvings."""
+    _, h, w = shape
+    if num_scales < 1:
+        raise ValueError(f"{model}: num_scales must be >= 1; got {num_scales}")
+    f = 2 ** squeezes
+    if h % f or w % f:
+        raise ValueError(f"{model} with num_scales={num_scales} squeezes {squeezes} time(s), so H and W must be "
+                         f"divisible by {f}; got shape {list(shape)}")
 
 
 class DensityModel(nn.Module):

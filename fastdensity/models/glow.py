@@ -20,9 +20,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import nn as fnn
-from .base import ConvNet, check_shape, mlp
+from .base import ConvNet, at_least, check_scales, check_shape, halvings, mlp, reject_other_kind_options
 from .multiscale import FactorOut, FlowModel, GaussianPrior, MultiScaleFlow
-from .realnvp import _at_least, _check_scales, _only
 
 __all__ = ["Glow"]
 
@@ -55,20 +54,21 @@ class Glow(FlowModel):
                  num_scales: Optional[int] = None, scale: str = "sigmoid"):
         shape = check_shape("Glow", shape, (1, 3))
         image = len(shape) == 3
-        _only("Glow", image, num_hidden=num_hidden, num_blocks=num_blocks, num_scales=num_scales)
+        reject_other_kind_options("Glow", image, num_hidden=num_hidden, num_blocks=num_blocks, num_scales=num_scales)
         num_steps = (4 if image else 8) if num_steps is None else int(num_steps)
         hidden = (64 if image else 128) if hidden is None else int(hidden)
         if num_steps < 1 or hidden < 1:
             raise ValueError(f"Glow needs num_steps >= 1 and hidden >= 1; got {num_steps}, {hidden}")
         if image:
-            num_blocks = 1 if num_blocks is None else _at_least("num_blocks", num_blocks, 0)
-            num_scales = _default_scales(shape) if num_scales is None else int(num_scales)
-            _check_scales("Glow", shape, num_scales, squeezes=num_scales)
+            num_blocks = 1 if num_blocks is None else at_least("num_blocks", num_blocks, 0)
+            # Every level squeezes: by default as often as leaves at least 2 x 2 pixels, 1 to 3 levels.
+            num_scales = max(1, halvings(shape, smallest=2, most=3)) if num_scales is None else int(num_scales)
+            check_scales("Glow", shape, num_scales, squeezes=num_scales)
             super().__init__(shape, num_steps=num_steps, hidden=hidden, num_blocks=num_blocks,
                              num_scales=num_scales, scale=scale)
             self.flow = self._image_flow(shape, num_steps, hidden, num_blocks, num_scales, scale)
         else:
-            num_hidden = 2 if num_hidden is None else _at_least("num_hidden", num_hidden, 1)
+            num_hidden = 2 if num_hidden is None else at_least("num_hidden", num_hidden, 1)
             d = shape[0]
             if d < 2:
                 raise ValueError(f"Glow needs at least 2 features to couple; got shape {list(shape)}")
@@ -94,14 +94,3 @@ class Glow(FlowModel):
                 splits.append(FactorOut((c, h, w), learned=True))
                 c = splits[-1].keep
         return MultiScaleFlow(levels, splits, GaussianPrior((c, h, w), learned=True))
-
-
-
-def _default_scales(shape) -> int:
-    """Levels for Glow: each squeezes, so as many halvings as H and W allow (at least 2x2 left), <= 3."""
-    _, h, w = shape
-    scales = 0
-    while scales < 3 and h % 2 == 0 and w % 2 == 0 and h >= 4 and w >= 4:
-        scales += 1
-        h, w = h // 2, w // 2
-    return max(scales, 1)

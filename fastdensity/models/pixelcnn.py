@@ -128,16 +128,16 @@ class PixelCNN(DensityModel):
         return self.out(h)
 
     def _check_levels(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` as int64 levels (an index into the grid), after checking they are levels 0..L-1."""
         self._check_input(v)
-        if v.is_floating_point():
-            if v.numel() and not bool(torch.all(v == torch.round(v))):
-                raise ValueError("PixelCNN takes integer levels; got non-integer values (dequantized data?)")
-            v = v.long()
+        if v.is_floating_point() and v.numel() and not bool(torch.all(v == torch.round(v))):
+            raise ValueError("PixelCNN takes integer levels; got non-integer values (dequantized data?)")
         if v.numel():
             low, high = (int(t) for t in torch.aminmax(v))
             if low < 0 or high >= self.levels:
                 raise ValueError(f"PixelCNN levels must lie in 0..{self.levels - 1}; got values from {low} to {high}")
-        return v
+        # int64 whatever came in: a uint8 (or bool) tensor used as an index would be read as a mask.
+        return v.long()
 
     def _pixel_log_probs(self, v: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """log P(v_ij | params_ij), [B, H, W] (renormalised over the L levels when needed)."""

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import nn as fnn
-from .base import ConvNet, check_shape, mlp
+from .base import ConvNet, at_least, check_scales, check_shape, halvings, mlp, reject_other_kind_options
 from .multiscale import CheckerboardCoupling, FactorOut, FlowModel, GaussianPrior, MultiScaleFlow
 
 __all__ = ["RealNVP"]
@@ -76,15 +76,16 @@ class RealNVP(FlowModel):
                  num_scales: Optional[int] = None, scale: str = "softclamp"):
         shape = check_shape("RealNVP", shape, (1, 3))
         image = len(shape) == 3
-        _only("RealNVP", image, num_hidden=num_hidden, num_blocks=num_blocks, num_scales=num_scales)
+        reject_other_kind_options("RealNVP", image, num_hidden=num_hidden, num_blocks=num_blocks, num_scales=num_scales)
         num_layers = (3 if image else 12) if num_layers is None else int(num_layers)
         hidden = (64 if image else 128) if hidden is None else int(hidden)
         if num_layers < 1 or hidden < 1:
             raise ValueError(f"RealNVP needs num_layers >= 1 and hidden >= 1; got {num_layers}, {hidden}")
         if image:
-            num_blocks = 1 if num_blocks is None else _at_least("num_blocks", num_blocks, 0)
-            num_scales = _default_scales(shape) if num_scales is None else int(num_scales)
-            _check_scales("RealNVP", shape, num_scales, squeezes=num_scales - 1)
+            num_blocks = 1 if num_blocks is None else at_least("num_blocks", num_blocks, 0)
+            # Each level but the last squeezes: by default as often as leaves at least 4 x 4 pixels, <= 3 levels.
+            num_scales = 1 + halvings(shape, smallest=4, most=2) if num_scales is None else int(num_scales)
+            check_scales("RealNVP", shape, num_scales, squeezes=num_scales - 1)
             if scale not in ("softclamp", "exp"):
                 raise ValueError(f"RealNVP on images needs scale 'softclamp' or 'exp' (the checkerboard coupling "
                                  f"needs s(0) = 1); got {scale!r}")
@@ -92,7 +93,7 @@ class RealNVP(FlowModel):
                              num_scales=num_scales, scale=scale)
             self.flow = self._image_flow(shape, num_layers, hidden, num_blocks, num_scales, scale)
         else:
-            num_hidden = 2 if num_hidden is None else _at_least("num_hidden", num_hidden, 1)
+            num_hidden = 2 if num_hidden is None else at_least("num_hidden", num_hidden, 1)
             d = shape[0]
             if d < 2:
                 raise ValueError(f"RealNVP needs at least 2 features to couple; got shape {list(shape)}")
@@ -124,40 +125,3 @@ class RealNVP(FlowModel):
             if not last:
                 c = splits[-1].keep
         return MultiScaleFlow(levels, splits, GaussianPrior((c, h, w), learned=False))
-
-
-
-def _only(model: str, image: bool, **options) -> None:
-    """Reject options that belong to the other kind of data (vector-only on images and vice versa)."""
-    image_only, vector_only = ("num_blocks", "num_scales"), ("num_hidden",)
-    wrong = [k for k, v in options.items() if v is not None and k in (vector_only if image else image_only)]
-    if wrong:
-        kind = "vectors ([D])" if image else "images ([C, H, W])"
-        raise ValueError(f"{model}: {', '.join(wrong)} applies to {kind} only")
-
-
-def _at_least(name: str, value, minimum: int) -> int:
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return value
-
-
-def _default_scales(shape) -> int:
-    """Levels for RealNVP: each but the last squeezes once, keeping at least 4x4 pixels; at most 3."""
-    _, h, w = shape
-    scales = 1
-    while scales < 3 and h % 2 == 0 and w % 2 == 0 and h >= 8 and w >= 8:
-        scales += 1
-        h, w = h // 2, w // 2
-    return scales
-
-
-def _check_scales(model: str, shape, num_scales: int, squeezes: int) -> None:
-    _, h, w = shape
-    if num_scales < 1:
-        raise ValueError(f"{model}: num_scales must be >= 1; got {num_scales}")
-    f = 2 ** squeezes
-    if h % f or w % f:
-        raise ValueError(f"{model} with num_scales={num_scales} squeezes {squeezes} time(s), so H and W must be "
-                         f"divisible by {f}; got shape {list(shape)}")

@@ -10,6 +10,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..reference.coupling import logdet_dtype
+
 __all__ = ["Transform", "CompositeTransform", "InverseTransform"]
 
 
@@ -29,8 +31,17 @@ class Transform(nn.Module):
 
 def zero_logdet(x: torch.Tensor) -> torch.Tensor:
     """A [B] log-det of zeros in the accumulation dtype (fp32, or fp64 for fp64 inputs)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.zeros(x.shape[0], dtype=dtype, device=x.device)
+    return torch.zeros(x.shape[0], dtype=logdet_dtype(x.dtype), device=x.device)
+
+
+def per_position_logdet(log_scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[B] log-det of a channel map applied alike at every position of x ([B, C] or [B, C, H, W]):
+    ``H * W * sum(log_scales)`` for each sample, in the accumulation dtype.
+
+    A real [B] tensor (not a stride-0 expand), so callers may update it in place.
+    """
+    positions = x.shape[2:].numel()  # H * W; 1 for [B, C]
+    return (positions * log_scales.to(logdet_dtype(x.dtype)).sum()).repeat(x.shape[0])
 
 
 class CompositeTransform(Transform):

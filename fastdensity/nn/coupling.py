@@ -78,7 +78,9 @@ class _Coupling(Transform):
         if h.shape[1] != n or h.shape[0] != x_id.shape[0]:
             raise ValueError(f"transform net must return [B, {n}, ...] (shift and scale for each of "
                              f"{self.num_transform_features} features); got shape {tuple(h.shape)}")
-        return h
+        # Under autocast the net returns half precision while x stays float32. The op takes one dtype, so
+        # h follows x, as type promotion in nflows' x * scale + shift would (a no-op when they agree).
+        return h.to(x_id.dtype)
 
     def _run(self, x, context, inverse: bool):
         x_id, x_tr = self._split(x)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Transform
+from .base import Transform, per_position_logdet
 
 __all__ = ["InvConv1x1"]
 
@@ -59,15 +59,10 @@ class InvConv1x1(Transform):
         weight = weight.to(x.dtype)
         return x @ weight.T if x.dim() == 2 else F.conv2d(x, weight[:, :, None, None])
 
-    def _logdet(self, x):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        pixels = x[0, 0].numel()
-        return (pixels * self.log_abs_s.to(acc).sum()).expand(x.shape[0])
-
     def forward(self, inputs, context=None):
         self._check(inputs)
-        return self._mix(inputs, self.weight()), self._logdet(inputs)
+        return self._mix(inputs, self.weight()), per_position_logdet(self.log_abs_s, inputs)
 
     def inverse(self, inputs, context=None):
         self._check(inputs)
-        return self._mix(inputs, self.inverse_weight()), -self._logdet(inputs)
+        return self._mix(inputs, self.inverse_weight()), -per_position_logdet(self.log_abs_s, inputs)

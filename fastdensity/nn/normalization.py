@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Transform
+from .base import Transform, per_position_logdet
 
 __all__ = ["ActNorm"]
 
@@ -51,17 +51,12 @@ class ActNorm(Transform):
             self.initialized.fill_(True)
         self._initialized = True
 
-    def _logdet(self, x: torch.Tensor) -> torch.Tensor:
-        pixels = x[0, 0].numel()
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return (pixels * self.log_scale.to(acc).sum()).expand(x.shape[0])
-
     def forward(self, inputs, context=None):
         if self.training and not self._initialized:
             self._initialize(inputs)
         loc, log_scale = self._broadcast(inputs)
-        return (inputs - loc) * torch.exp(log_scale), self._logdet(inputs)
+        return (inputs - loc) * torch.exp(log_scale), per_position_logdet(self.log_scale, inputs)
 
     def inverse(self, inputs, context=None):
         loc, log_scale = self._broadcast(inputs)
-        return inputs * torch.exp(-log_scale) + loc, -self._logdet(inputs)
+        return inputs * torch.exp(-log_scale) + loc, -per_position_logdet(self.log_scale, inputs)

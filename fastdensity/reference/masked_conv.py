@@ -4,7 +4,13 @@ A masked convolution is an ordinary 2-D convolution whose weight is multiplied b
 so that the output at pixel i depends only on pixels that come before i in raster order (and, at
 pixel i itself, only on the colour groups the mask type allows)::
 
-    out = conv2d(x, weight * mask, bias, stride, padding, dilation)
+    out = conv2d(x, where(mask, weight, 0), bias, stride, padding, dilation)
+
+``where`` rather than ``weight * mask``: the dead weights are not part of the op, so a NaN or inf
+stored there must not reach the output (0 * NaN is NaN), and their gradient is exactly zero whatever
+flows back - as in the kernel, which never reads them. For finite weights the two are the same. (A
+non-finite *input* still reaches every output whose dense window covers it, through 0 * inf; the
+kernel, which skips the dead taps, spreads it only forward in raster order.)
 
     x [N, C_in, H, W]    weight [C_out, C_in, KH, KW] (KH, KW odd)    bias [C_out]    out [N, C_out, H_out, W_out]
 
@@ -141,7 +147,7 @@ def masked_conv2d(
     dilation: IntPair = 1,
     upcast: bool = False,
 ) -> torch.Tensor:
-    """``F.conv2d(x, weight * mask, bias, ...)`` with the PixelCNN mask of :func:`pixelcnn_mask`.
+    """``F.conv2d(x, where(mask, weight, 0), bias, ...)`` with the PixelCNN mask of :func:`pixelcnn_mask`.
 
     Args:
         x: [N, C_in, H, W]. weight: [C_out, C_in, KH, KW], KH and KW odd. bias: [C_out] or None.
@@ -162,6 +168,6 @@ def masked_conv2d(
         x, weight = x.double(), weight.double()
         bias = None if bias is None else bias.double()
     mask = pixelcnn_mask(weight.shape[0], weight.shape[1], kh, kw, mask_type, color_groups,
-                         dtype=weight.dtype, device=weight.device)
-    out = F.conv2d(x, weight * mask, bias, stride=stride, padding=padding, dilation=dilation)
+                         dtype=torch.bool, device=weight.device)
+    out = F.conv2d(x, torch.where(mask, weight, 0), bias, stride=stride, padding=padding, dilation=dilation)
     return out.to(out_dtype)

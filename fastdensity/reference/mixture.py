@@ -9,7 +9,7 @@ A mixture of K components with diagonal, location-scale components over D featur
 with ``s = exp(l)`` (``l`` = log_scales) and ``u = (x - mu) / s``, per dimension::
 
     gaussian   c = -u^2 / 2 - l - log(2 pi) / 2
-    logistic   c = -u - l - 2 softplus(-u)                 (density exp(-u) / (s (1 + exp(-u))^2))
+    logistic   c = log sigmoid(u) + log sigmoid(-u) - l    (density exp(-u) / (s (1 + exp(-u))^2))
 
 Shapes: x [..., D]; logits [..., K]; means, log_scales [..., K, D]. The batch dims ``...`` of the
 four arguments broadcast against each other (so parameters may be shared, [K] and [K, D], or given
@@ -43,7 +43,9 @@ def component_log_prob(x: torch.Tensor, means: torch.Tensor, log_scales: torch.T
     if kind == "gaussian":
         per_dim = -0.5 * u * u - log_scales - HALF_LOG_2PI
     elif kind == "logistic":
-        per_dim = -u - log_scales - 2.0 * F.softplus(-u)
+        # sigmoid(u) sigmoid(-u) / s, in logs. (The textbook -u - 2 softplus(-u) is the same function,
+        # but F.softplus turns linear above 20 and drops the e^-20 terms, ~1e-9, that float64 resolves.)
+        per_dim = F.logsigmoid(u) + F.logsigmoid(-u) - log_scales
     else:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
     return per_dim.sum(dim=-1)
