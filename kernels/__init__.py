@@ -1,5 +1,7 @@
 """Triton kernels of fastdensity, one op per module (installed as ``fastdensity.kernels``).
 
-Modules are imported lazily by :mod:`fastdensity.backend` on the first call that needs them, so that
-``TRITON_INTERPRET`` can still be chosen before then. Nothing here knows about nn.Modules.
+``fastdensity.ops`` imports each module (through :func:`fastdensity.backend.load_kernels`) when
+fastdensity itself is imported; that registers the ``torch.ops.fastdensity`` ops. Triton decides at
+that moment whether the kernels are compiled or interpreted, so ``TRITON_INTERPRET=1`` must be set
+before ``import fastdensity``. Nothing here knows about nn.Modules.
 """

@@ -49,7 +49,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
+try:  # the dtype-dispatching libdevice module (Triton 3.x); older layouts kept it under extra.cuda
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    from triton.language.extra.cuda import libdevice
 
 from .utils import (INTERPRETED, acc_dtype, collapse_inner_dims, empty, empty_like, on_device_of, row_tile, tl_dtype,
                     warps_for)

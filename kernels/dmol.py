@@ -73,7 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRETED, acc_dtype, empty, empty_like, next_pow2, tl_dtype
+from .utils import INTERPRETED, acc_dtype, empty, empty_like, next_pow2, on_device_of, tl_dtype
 
 __all__ = ["INTERPRETED", "dmol_forward", "dmol_backward", "dmol_log_prob_op"]
 
@@ -466,7 +466,8 @@ def dmol_backward(grad_out, x, params, lse_joint, lse_logits, num_bits: int, nee
 def dmol_log_prob_op(
     x: torch.Tensor, params: torch.Tensor, num_bits: int, reduce_sum: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dmol_forward(x, params, num_bits, reduce_sum)
+    with on_device_of(params):
+        return dmol_forward(x, params, num_bits, reduce_sum)
 
 
 @dmol_log_prob_op.register_fake
@@ -482,7 +483,8 @@ def dmol_log_prob_backward_op(
     grad_out: torch.Tensor, x: torch.Tensor, params: torch.Tensor, lse_joint: torch.Tensor,
     lse_logits: torch.Tensor, num_bits: int, need_grad_x: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_params, grad_x = dmol_backward(grad_out, x, params, lse_joint, lse_logits, num_bits, need_grad_x)
+    with on_device_of(params):
+        grad_params, grad_x = dmol_backward(grad_out, x, params, lse_joint, lse_logits, num_bits, need_grad_x)
     # A custom op cannot return None: an empty tensor stands for "x needs no gradient".
     return grad_params, grad_x if grad_x is not None else x.new_empty(0)
 

@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRETED, acc_dtype, collapse_inner_dims, empty, next_pow2, tl_dtype
+from .utils import (INTERPRETED, acc_dtype, collapse_inner_dims, empty, next_pow2, on_device_of, target_programs,
+                    tl_dtype)
 
 __all__ = ["INTERPRETED", "lse_forward", "lse_backward", "logsumexp_op",
            "lse_shift", "lse_update", "lse_update_tile", "lse_value"]
@@ -182,13 +183,6 @@ def _as_oni(t: torch.Tensor, dim: int):
     return (O, shape[dim], I), (s_o, stride[dim], s_i)
 
 
-def _target_programs(device: torch.device) -> int:
-    """Enough programs to fill the GPU a few times over; below this, long rows are split."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: a handful, so tests reach the split path with small rows
-
-
 def _plan(O: int, N: int, I: int, device: torch.device):
     """Tile sizes and the row view: returns (outer, R, BLOCK_R, BLOCK_N, n_chunks, grid0)."""
     if I == 1:  # rows are the O index; each row is contiguous along N when s_n == 1
@@ -244,7 +238,7 @@ def lse_forward(x: torch.Tensor, dim: int, keepdim: bool) -> torch.Tensor:
     outer, R, block_r, block_n, n_chunks, grid0 = _plan(O, N, I, x.device)
     s_r = s_o if I == 1 else s_i
     s_outer = 0 if I == 1 else s_o
-    n_split, per = _splits(n_chunks, grid0, _target_programs(x.device))
+    n_split, per = _splits(n_chunks, grid0, target_programs(x.device))
     target = out if n_split == 1 else empty((outer * R, n_split), dtype=acc, device=x.device)
     _lse_fwd_kernel[(grid0, n_split)](
         x, target, R, N, s_outer, s_r, s_n, n_split, per,
@@ -296,7 +290,8 @@ def lse_backward(grad: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, dim: in
 
 @torch.library.custom_op("fastdensity::logsumexp", mutates_args=())
 def logsumexp_op(x: torch.Tensor, dim: int, keepdim: bool) -> torch.Tensor:
-    return lse_forward(x, dim, keepdim)
+    with on_device_of(x):
+        return lse_forward(x, dim, keepdim)
 
 
 @logsumexp_op.register_fake
@@ -309,7 +304,8 @@ def logsumexp_backward_op(grad: torch.Tensor, x: torch.Tensor, lse: torch.Tensor
                           keepdim: bool) -> torch.Tensor:
     if not keepdim:  # put the reduced dim back so grad and lse line up with x's [O, 1, I] view
         grad, lse = grad.unsqueeze(dim), lse.unsqueeze(dim)
-    return lse_backward(grad, x, lse, dim)
+    with on_device_of(x):
+        return lse_backward(grad, x, lse, dim)
 
 
 @logsumexp_backward_op.register_fake

@@ -83,7 +83,7 @@ import triton.language as tl
 
 from fastdensity import dispatch
 
-from .utils import INTERPRETED, acc_dtype, empty, tl_dtype
+from .utils import INTERPRETED, acc_dtype, empty, on_device_of, tl_dtype
 
 __all__ = ["INTERPRETED", "IMPLS", "TUNER", "Geometry", "geometry", "centre_mask", "live_mask", "triton_forward",
            "triton_backward", "dense_forward", "dense_backward", "split_forward", "split_backward", "tuning_key",
@@ -778,7 +778,8 @@ def masked_conv2d_op(
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], impl: str, training: bool,
 ) -> torch.Tensor:
     g = geometry(x, weight, mask_type, color_groups, stride, padding, dilation)
-    return _FORWARD[_resolve(impl, x, weight, bias, g, training)](x, weight, bias, g)
+    with on_device_of(x):
+        return _FORWARD[_resolve(impl, x, weight, bias, g, training)](x, weight, bias, g)
 
 
 @masked_conv2d_op.register_fake
@@ -794,8 +795,9 @@ def masked_conv2d_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     g = geometry(x, weight, mask_type, color_groups, stride, padding, dilation)
     # "auto" finds the choice the forward made (same key, training=True) in the tuner's cache.
-    impl = _resolve(impl, x, weight, None, g, True)
-    grad_x, grad_w = _BACKWARD[impl](grad_out, x, weight, g, need_x, need_w)
+    with on_device_of(x):
+        impl = _resolve(impl, x, weight, None, g, True)
+        grad_x, grad_w = _BACKWARD[impl](grad_out, x, weight, g, need_x, need_w)
     # A custom op cannot return None: an empty tensor stands for "not requested".
     return (grad_x if grad_x is not None else x.new_empty(0),
             grad_w if grad_w is not None else weight.new_empty(0))

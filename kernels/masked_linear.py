@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRETED, acc_dtype, empty, next_pow2, tl_dtype
+from .utils import INTERPRETED, acc_dtype, empty, next_pow2, on_device_of, tl_dtype
 
 __all__ = [
     "INTERPRETED", "FULL", "PARTIAL", "DEAD", "LaunchConfig", "MaskTiles", "launch_config", "mask_tiles",
@@ -404,7 +404,8 @@ def masked_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.
 @torch.library.custom_op("fastdensity::masked_linear", mutates_args=())
 def masked_linear_op(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                      bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return masked_linear_forward(x, weight, mask, bias)
+    with on_device_of(x):
+        return masked_linear_forward(x, weight, mask, bias)
 
 
 @masked_linear_op.register_fake
@@ -415,7 +416,8 @@ def _(x, weight, mask, bias):
 @torch.library.custom_op("fastdensity::masked_linear_backward", mutates_args=())
 def masked_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                               need_x: bool, need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_x, grad_w = masked_linear_backward(grad_y, x, weight, mask, need_x, need_weight)
+    with on_device_of(x):
+        grad_x, grad_w = masked_linear_backward(grad_y, x, weight, mask, need_x, need_weight)
     # A custom op cannot return None: an empty tensor stands for "not asked for".
     return (grad_x if grad_x is not None else x.new_empty(0),
             grad_w if grad_w is not None else weight.new_empty(0))

@@ -63,7 +63,7 @@ import triton.language as tl
 
 from .logsumexp import LOG2E, lse_update, lse_value
 from .mixture_shared import KIND_CODES, shared_backward, shared_forward, std_log_density
-from .utils import INTERPRETED, acc_dtype, collapse_inner_dims, empty, next_pow2, tl_dtype
+from .utils import INTERPRETED, acc_dtype, collapse_inner_dims, empty, next_pow2, on_device_of, tl_dtype
 
 __all__ = ["INTERPRETED", "KIND_CODES", "mixture_forward", "mixture_backward", "mixture_log_prob_op"]
 
@@ -449,7 +449,8 @@ SM90_VARIANTS = {
 @torch.library.custom_op("fastdensity::mixture_log_prob", mutates_args=())
 def mixture_log_prob_op(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor,
                         kind: str) -> torch.Tensor:
-    return mixture_forward(x, logits, means, log_scales, kind)
+    with on_device_of(x):
+        return mixture_forward(x, logits, means, log_scales, kind)
 
 
 @mixture_log_prob_op.register_fake
@@ -463,7 +464,8 @@ def mixture_log_prob_backward_op(
     grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor,
     log_prob: torch.Tensor, kind: str, need_grad_x: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    gx, *param_grads = mixture_backward(grad, x, logits, means, log_scales, log_prob, kind, need_grad_x)
+    with on_device_of(x):
+        gx, *param_grads = mixture_backward(grad, x, logits, means, log_scales, log_prob, kind, need_grad_x)
     # A custom op cannot return None: an empty tensor stands for "x needs no gradient".
     return (gx if need_grad_x else x.new_empty(0), *param_grads)
 

@@ -87,7 +87,7 @@ import triton
 import triton.language as tl
 
 from .logsumexp import LOG2E, lse_update_tile, lse_value
-from .utils import INTERPRETED, acc_dtype, empty, next_pow2, tl_dtype
+from .utils import INTERPRETED, acc_dtype, empty, next_pow2, target_programs, tl_dtype
 
 __all__ = ["INTERPRETED", "KIND_CODES", "std_log_density", "shared_forward", "shared_backward"]
 
@@ -286,12 +286,6 @@ def _tiles(N: int, K: int):
     return block_n, block_k, 4 if block_n * block_k >= 1024 else 2
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: a few, so tests reach the multi-split path
-
-
 def shared_forward(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor,
                    kind: str) -> torch.Tensor:
     """log p(x) [N] in the accumulation dtype for x [N >= 1, D] (any strides), logits [K], means/log_scales
@@ -329,7 +323,7 @@ def shared_backward(grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, m
             x, mu, inv_s, c, lp, g, gx, N, K, D, x.stride(0), x.stride(1), **meta)
 
     n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
-    n_split = min(n_tiles, max(1, triton.cdiv(_target_programs(x.device), k_tiles)))
+    n_split = min(n_tiles, max(1, triton.cdiv(target_programs(x.device), k_tiles)))
     per = triton.cdiv(n_tiles, n_split)
     n_split = triton.cdiv(n_tiles, per)  # no split without rows
     ga = empty((n_split, K), dtype=acc, device=x.device)

@@ -52,6 +52,15 @@ def on_device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def target_programs(device: torch.device) -> int:
+    """Programs that fill the GPU a few times over (4 per SM); launchers split long reductions across
+    programs until a grid reaches this. In the interpreter a handful, so small test shapes reach the
+    split paths."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Compute/accumulation dtype for a storage dtype: float64 stays float64, the rest use float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -3,16 +3,20 @@
 On a machine without CUDA the kernels can only run in Triton's interpreter, which must be chosen
 before fastdensity (and with it the kernels) is imported - hence the environment variable is set
 here, at collection time, before any test module imports fastdensity. On a CUDA machine it is left
-as it is: unset, the GPU tier runs the compiled kernels and interpreter-tier tests, which force
-backend "triton" on CPU tensors, must be marked ``requires_interpreter`` (helpers.py) to be skipped;
-``TRITON_INTERPRET=1`` flips both.
+as it is: unset, the GPU tier runs the compiled kernels, and interpreter-tier tests, which force
+backend "triton" on CPU tensors, are skipped (marked ``requires_interpreter`` in helpers.py, or caught
+by ``pytest_runtest_call`` below from the error the backend raises); ``TRITON_INTERPRET=1`` flips both.
 """
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh Inductor cache per run: the on-disk cache has been seen replaying a compiled backward whose
+# custom op's schema had changed since (a stale graph, not a test failure of the code under test).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastdensity-inductor-"))
 
 import pytest  # noqa: E402
 
@@ -31,3 +35,16 @@ def _seed_and_poison():
 
     with poisoned_outputs(True):
         yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """On a machine whose kernels are compiled (CUDA, no TRITON_INTERPRET), an interpreter-tier test
+    forcing backend "triton" on CPU tensors meets the backend's "needs Triton's interpreter" error:
+    report it as a skip of that tier rather than a failure of the code."""
+    try:
+        return (yield)
+    except RuntimeError as exc:
+        if "runs the kernels in Triton's interpreter" in str(exc):
+            pytest.skip("interpreter tier: kernels are compiled in this process (run with TRITON_INTERPRET=1)")
+        raise

@@ -16,7 +16,7 @@ from fastdensity.kernels import masked_conv as km
 from fastdensity.nn import MaskedConv2d
 from fastdensity.reference import masked_conv as ref
 from fastdensity.testing import compare
-from helpers import assert_kernel_matches_reference, leaves, requires_cuda
+from helpers import assert_kernel_matches_reference, leaves, requires_cuda, requires_interpreter
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -275,7 +275,7 @@ def test_pytorch_candidates_match_reference(case, impl):
         torch.testing.assert_close(g, gr, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["triton", "dense", "split"])
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=requires_interpreter), "dense", "split"])
 def test_output_follows_the_input_memory_format(impl):
     x = torch.randn(2, 6, 5, 4).to(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(9, 6, 3, 3, requires_grad=True)
@@ -287,7 +287,7 @@ def test_output_follows_the_input_memory_format(impl):
     assert out.is_contiguous()
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton", "dense", "split"])
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=requires_interpreter), "dense", "split"])
 def test_dead_weights_get_exact_zero_gradient_and_are_never_read(impl):
     x = torch.randn(2, 6, 5, 5, requires_grad=True)
     w = torch.randn(6, 6, 5, 5)
@@ -305,7 +305,7 @@ def test_dead_weights_get_exact_zero_gradient_and_are_never_read(impl):
     assert (gw[live] != 0).all()
 
 
-@pytest.mark.parametrize("impl", ["triton", "dense", "split"])
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=requires_interpreter), "dense", "split"])
 def test_tap_major_weight_is_read_never_written(impl):
     # A weight whose memory is [KH, KW, C_out, C_in] (e.g. converted from a framework that stores HWOI)
     # already has the layout of the kernel's packed live taps. Packing must still copy it: zeroing the
@@ -434,6 +434,7 @@ def test_nan_input_propagates_only_forward_in_raster_order():
     assert nan[1, 3] and nan[2, 1:].all() and nan.sum() == 4
 
 
+@requires_interpreter
 def test_registration_passes_opcheck():
     """torch.library.opcheck: the schema, the autograd registration, and fake (meta) outputs with
     exactly the real outputs' shapes, dtypes and strides (channels_last here), also under
@@ -552,6 +553,7 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert str(dispatch.cache_dir()).endswith(os.path.join(".cache", "fastdensity"))
 
 
+@requires_interpreter
 def test_masked_conv_dispatch_times_all_three_candidates_and_keeps_the_winner(tmp_path, monkeypatch):
     """The op's own key and candidate closures (forward + backward of each implementation), with the
     timings injected: the choice, the cache round trip and the disable switch."""

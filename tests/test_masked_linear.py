@@ -14,7 +14,7 @@ from fastdensity.kernels import masked_linear as kml
 from fastdensity.nn import MaskedLinear
 from fastdensity.reference import masked_linear as ref
 from fastdensity.testing import compare
-from helpers import assert_kernel_matches_reference, leaves, requires_cuda
+from helpers import assert_kernel_matches_reference, leaves, requires_cuda, requires_interpreter
 
 
 def made_hidden_mask(n_out: int, n_in: int, features: int) -> torch.Tensor:
@@ -238,6 +238,7 @@ def test_kernel_gradcheck():
         assert torch.autograd.gradcheck(lambda x, w, b: ops.masked_linear(x, w, mask, b), (x, w, b), fast_mode=True)
 
 
+@requires_interpreter
 def test_registration_passes_opcheck():
     """torch.library.opcheck: the schema, the autograd registration, and fake (meta) outputs with
     exactly the real outputs' shapes, dtypes and strides, also under dynamic-shape AOT tracing."""

@@ -25,6 +25,10 @@ triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from fastdensity import verify  # noqa: E402
+from helpers import requires_interpreter  # noqa: E402
+
+# Launches are recorded by running the kernels in the interpreter.
+pytestmark = requires_interpreter
 
 
 def _encode(value):

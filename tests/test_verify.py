@@ -12,6 +12,7 @@ import torch
 from fastdensity import verify
 from fastdensity.commands import verify as verify_cmd
 from fastdensity.kernels import coupling as coupling_kernel
+from helpers import requires_interpreter
 
 CPU = torch.device("cpu")
 
@@ -22,6 +23,7 @@ def _args(*argv):
     return parser.parse_args(list(argv))
 
 
+@requires_interpreter
 def test_coupling_passes_through_the_interpreter(capsys):
     assert verify_cmd.run(_args("--device", "cpu", "--op", "affine_coupling")) == 0
     out = capsys.readouterr().out
@@ -31,6 +33,7 @@ def test_coupling_passes_through_the_interpreter(capsys):
     assert "float64" in out and "float32" in out and "0 failed" in out
 
 
+@requires_interpreter
 def test_a_wrong_forward_fails_with_nonzero_exit(monkeypatch, capsys):
     real = coupling_kernel.coupling_forward
 
@@ -45,6 +48,7 @@ def test_a_wrong_forward_fails_with_nonzero_exit(monkeypatch, capsys):
     assert failed and all(" y " in l for l in failed)  # only the output that is wrong fails
 
 
+@requires_interpreter
 def test_a_wrong_gradient_fails(monkeypatch):
     real = coupling_kernel.coupling_backward
 
@@ -58,6 +62,7 @@ def test_a_wrong_gradient_fails(monkeypatch):
     assert bad == {"grad h"}
 
 
+@requires_interpreter
 def test_an_unwritten_output_fails(monkeypatch):
     """Outputs start as NaN: a kernel that skips an element is caught."""
     real = coupling_kernel.coupling_forward
@@ -73,6 +78,7 @@ def test_an_unwritten_output_fails(monkeypatch):
     assert any("NaN" in c.why for c in outcome.comparisons if c.name == "y")
 
 
+@requires_interpreter
 def test_a_raising_kernel_fails_and_a_missing_op_is_skipped(monkeypatch):
     def boom(*args):
         raise RuntimeError("no such luck")
@@ -90,6 +96,7 @@ def test_a_raising_kernel_fails_and_a_missing_op_is_skipped(monkeypatch):
     assert "skipped: fastdensity.ops.affine_coupling is not in this build" in table
 
 
+@requires_interpreter
 def test_an_exception_while_comparing_fails_only_its_case(monkeypatch):
     """A kernel output of the wrong shape makes compare() raise: that case fails, the run goes on."""
     real = verify.compare
