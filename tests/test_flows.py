@@ -36,6 +36,8 @@ def vector_layers():
     return {
         "affine sigmoid, interleaved mask": AffineCoupling(torch.tensor([1, 0, 1, 0, 1]), mlp()),
         "affine exp, half mask": AffineCoupling(torch.tensor([0, 0, 1, 1, 1]), mlp(), scale="exp"),
+        # neither a range nor evenly spaced: the gather / index_copy path
+        "affine sigmoid, irregular mask": AffineCoupling(torch.tensor([1, 0, 0, 1, 1]), mlp()),
         "affine softclamp, first half": AffineCoupling(torch.tensor([1, 1, 0, 0, 0]), mlp(), scale="softclamp"),
         "additive": AdditiveCoupling(torch.tensor([0, 1, 0, 1, 0]), mlp()),
         "actnorm": ActNorm(D),

@@ -338,6 +338,10 @@ def test_sizes_match_zuko():
     assert _count(ours) - actnorm == _count(zuko.flows.MAF(D, transforms=L, hidden_features=[H, H]))
     ours = RealNVP([D], num_layers=L, hidden=H, num_hidden=2, scale="sigmoid")
     assert _count(ours) - actnorm == _count(zuko.flows.RealNVP(D, transforms=L, hidden_features=[H, H]))
+    # actnorm=False: exactly the peers' architecture (what the size-matched benchmark builds).
+    for cls, peer in ((MAF, zuko.flows.MAF), (RealNVP, zuko.flows.RealNVP)):
+        ours = cls([D], num_layers=L, hidden=H, num_hidden=2, scale="sigmoid", actnorm=False)
+        assert _count(ours) == _count(peer(D, transforms=L, hidden_features=[H, H]))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("nflows") is None,

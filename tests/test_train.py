@@ -101,7 +101,7 @@ def test_outputs_and_checkpoint_contents(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain data only
     assert ckpt["step"] == 12 and ckpt["config"]["model"] == "realnvp" and ckpt["config"]["steps"] == 12
     assert ckpt["model"] == {"name": "realnvp", "args": {"shape": [2], "num_layers": 2, "hidden": 8,
-                                                         "num_hidden": 2, "scale": "softclamp"}}
+                                                         "num_hidden": 2, "scale": "softclamp", "actnorm": True}}
     assert ckpt["data"]["name"] == "checkerboard" and ckpt["preprocess"] == {"type": "identity"}
     assert "state" in ckpt["optimizer"] and isinstance(ckpt["rng"]["torch"], torch.Tensor)
     model, pre = ftrain.model_from_checkpoint(ckpt)

@@ -26,7 +26,7 @@ from torch import nn
 __all__ = ["DensityModel", "check_shape", "mlp", "ConvNet"]
 
 # Options of the flows that apply to one kind of data only (RealNVP and Glow share them).
-_IMAGE_OPTIONS, _VECTOR_OPTIONS = ("num_blocks", "num_scales"), ("num_hidden",)
+_IMAGE_OPTIONS, _VECTOR_OPTIONS = ("num_blocks", "num_scales"), ("num_hidden", "actnorm")
 
 
 def check_shape(name: str, shape: Sequence[int], dims: tuple[int, ...]) -> tuple[int, ...]:

@@ -90,18 +90,19 @@ class MAF(FlowModel):
         scale: the transforms' scale function (see :class:`MaskedAffineAutoregressive`).
         permutation: how the variable order changes between transforms: ``"reverse"`` (default, as
             nflows' ReversePermutation and zuko's alternating orders) or ``"random"``.
+        actnorm: standardise the input with an ActNorm first (default True).
 
     Size-matched to peers: ``MAF([D], num_layers=L, hidden=H, num_hidden=2, scale="sigmoid")`` has the
     transforms of nflows' ``MaskedAutoregressiveFlow(D, H, L, num_blocks_per_layer=1,
     use_residual_blocks=False)`` (its MADE: first layer + 1 block = 2 hidden layers) and of zuko's
-    ``MAF(D, transforms=L, hidden_features=[H, H])``, plus one ActNorm.
+    ``MAF(D, transforms=L, hidden_features=[H, H])``, plus one ActNorm unless ``actnorm=False``.
     """
 
     name = "maf"
     flatten = True
 
     def __init__(self, shape: Sequence[int], *, num_layers: int = 5, hidden: int = 128, num_hidden: int = 2,
-                 scale: str = "softclamp", permutation: str = "reverse"):
+                 scale: str = "softclamp", permutation: str = "reverse", actnorm: bool = True):
         shape = check_shape("MAF", shape, (1, 3))
         num_layers, hidden, num_hidden = int(num_layers), int(hidden), int(num_hidden)
         if num_layers < 1 or hidden < 1 or num_hidden < 1:
@@ -110,11 +111,11 @@ class MAF(FlowModel):
         if permutation not in ("reverse", "random"):
             raise ValueError(f"permutation must be 'reverse' or 'random'; got {permutation!r}")
         super().__init__(shape, num_layers=num_layers, hidden=hidden, num_hidden=num_hidden, scale=scale,
-                         permutation=permutation)
+                         permutation=permutation, actnorm=bool(actnorm))
         d = self.dim
         if d < 2:
             raise ValueError(f"MAF needs at least 2 features; got shape {list(shape)}")
-        transforms: list[fnn.Transform] = [fnn.ActNorm(d)]
+        transforms: list[fnn.Transform] = [fnn.ActNorm(d)] if actnorm else []
         for k in range(num_layers):
             # The permutation between transforms lives in each MADE's ordering: the same model as a
             # permutation layer followed by a MADE in natural order, without moving any data.

@@ -62,21 +62,24 @@ class RealNVP(FlowModel):
             keeping at least 4 x 4 pixels).
         scale: the coupling's scale function, ``"softclamp"`` (default) or ``"exp"``; vectors may also
             use ``"sigmoid"``.
+        actnorm: vectors only: standardise the input with an ActNorm first (default True).
 
     Size-matched to peers: ``RealNVP([D], num_layers=L, hidden=H, num_hidden=2, scale="sigmoid")`` has
     the couplings and parameter count of zuko's ``RealNVP(D, transforms=L, hidden_features=[H, H])``;
     with ``num_hidden=2k+1`` it has the parameter count of nflows' ``SimpleRealNVP(D, H, L,
-    num_blocks_per_layer=k)`` (whose nets are residual); both plus one ActNorm (2D parameters).
+    num_blocks_per_layer=k)`` (whose nets are residual); both plus one ActNorm (2D parameters) unless
+    ``actnorm=False``, which gives exactly the peers' architecture.
     """
 
     name = "realnvp"
 
     def __init__(self, shape: Sequence[int], *, num_layers: Optional[int] = None, hidden: Optional[int] = None,
                  num_hidden: Optional[int] = None, num_blocks: Optional[int] = None,
-                 num_scales: Optional[int] = None, scale: str = "softclamp"):
+                 num_scales: Optional[int] = None, scale: str = "softclamp", actnorm: Optional[bool] = None):
         shape = check_shape("RealNVP", shape, (1, 3))
         image = len(shape) == 3
-        reject_other_kind_options("RealNVP", image, num_hidden=num_hidden, num_blocks=num_blocks, num_scales=num_scales)
+        reject_other_kind_options("RealNVP", image, num_hidden=num_hidden, num_blocks=num_blocks, num_scales=num_scales,
+                                  actnorm=actnorm)
         num_layers = (3 if image else 12) if num_layers is None else int(num_layers)
         hidden = (64 if image else 128) if hidden is None else int(hidden)
         if num_layers < 1 or hidden < 1:
@@ -97,10 +100,12 @@ class RealNVP(FlowModel):
             d = shape[0]
             if d < 2:
                 raise ValueError(f"RealNVP needs at least 2 features to couple; got shape {list(shape)}")
-            super().__init__(shape, num_layers=num_layers, hidden=hidden, num_hidden=num_hidden, scale=scale)
+            actnorm = True if actnorm is None else bool(actnorm)
+            super().__init__(shape, num_layers=num_layers, hidden=hidden, num_hidden=num_hidden, scale=scale,
+                             actnorm=actnorm)
             net = lambda i, o: mlp(i, o, hidden, num_hidden)  # noqa: E731
-            transforms = [fnn.ActNorm(d)] + [fnn.AffineCoupling(alternating_mask(d, k), net, scale=scale)
-                                              for k in range(num_layers)]
+            transforms = [fnn.ActNorm(d)] if actnorm else []
+            transforms += [fnn.AffineCoupling(alternating_mask(d, k), net, scale=scale) for k in range(num_layers)]
             # One level and no split: an ordinary flow, log N(f(x); 0, I) + log|det df/dx|.
             self.flow = MultiScaleFlow([fnn.CompositeTransform(transforms)], [], GaussianPrior((d,)))
 

@@ -26,9 +26,13 @@ __all__ = ["AffineCoupling", "AdditiveCoupling"]
 
 
 def _as_index_or_slice(index: torch.Tensor):
-    """A slice when ``index`` is a contiguous ascending range (a view instead of a gather)."""
-    if index.numel() > 0 and torch.equal(index, torch.arange(int(index[0]), int(index[0]) + index.numel())):
-        return slice(int(index[0]), int(index[0]) + index.numel())
+    """A slice when ``index`` is an evenly spaced ascending run - a range, or every other feature as in
+    RealNVP's alternating masks - so the split is a view instead of a gather; None otherwise."""
+    n = index.numel()
+    start = int(index[0]) if n else 0
+    step = int(index[1]) - start if n > 1 else 1
+    if n and step > 0 and torch.equal(index, torch.arange(start, start + step * n, step)):
+        return slice(start, start + step * (n - 1) + 1, step)
     return None
 
 
@@ -60,15 +64,21 @@ class _Coupling(Transform):
         if x.dim() not in (2, 4) or x.shape[1] != self.features:
             raise ValueError(f"inputs must be [B, {self.features}] or [B, {self.features}, H, W]; "
                              f"got shape {tuple(x.shape)}")
-        x_id = x[:, self._id_slice] if self._id_slice else x.index_select(1, self.identity_features)
-        x_tr = x[:, self._tr_slice] if self._tr_slice else x.index_select(1, self.transform_features)
+        ids, trs = self._id_slice, self._tr_slice
+        x_id = x[:, ids] if ids is not None else x.index_select(1, self.identity_features)
+        x_tr = x[:, trs] if trs is not None else x.index_select(1, self.transform_features)
         return x_id, x_tr
 
     def _merge(self, x_id: torch.Tensor, y_tr: torch.Tensor) -> torch.Tensor:
-        if self._id_slice and self._tr_slice:
-            first, second = (x_id, y_tr) if self._id_slice.start == 0 else (y_tr, x_id)
+        ids, trs = self._id_slice, self._tr_slice
+        if ids is not None and trs is not None and ids.step == trs.step == 1:  # two halves: concatenate
+            first, second = (x_id, y_tr) if ids.start == 0 else (y_tr, x_id)
             return torch.cat([first, second], dim=1)
         out = torch.empty((x_id.shape[0], self.features, *x_id.shape[2:]), dtype=y_tr.dtype, device=y_tr.device)
+        if ids is not None and trs is not None:  # interleaved: strided writes into a fresh tensor
+            out[:, ids] = x_id
+            out[:, trs] = y_tr
+            return out
         out = out.index_copy(1, self.identity_features, x_id)
         return out.index_copy(1, self.transform_features, y_tr)
 
