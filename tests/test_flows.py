@@ -11,7 +11,7 @@ import fastdensity
 from fastdensity import Flow, StandardNormal, DiagonalNormal
 from fastdensity.nn import (ActNorm, AdditiveCoupling, AffineCoupling, CompositeTransform, InvConv1x1,
                             RandomPermutation, ReversePermutation, Squeeze)
-from helpers import requires_interpreter
+from helpers import assert_compiles_like_reference, requires_interpreter
 
 
 def mlp(hidden=8):
@@ -214,19 +214,11 @@ def test_coupling_layer_kernel_matches_reference(make):
 
 @requires_interpreter
 def test_compiled_glow_step_has_no_graph_break():
-    torch._dynamo.reset()
     flow = Flow(glow_like_flow(C=4), StandardNormal([4, 3, 3]))
     x = torch.randn(6, 4, 3, 3)
     flow.log_prob(x)  # ActNorm initialisation outside the compiled graph
-    with fastdensity.set_backend("triton"):
-        compiled = torch.compile(flow.log_prob, fullgraph=True, backend="inductor")
-        lp = compiled(x)
-        grads_c = torch.autograd.grad(lp.sum(), list(flow.parameters()))
-        lp_eager = flow.log_prob(x)
-        grads_e = torch.autograd.grad(lp_eager.sum(), list(flow.parameters()))
-    torch.testing.assert_close(lp, lp_eager, rtol=1e-5, atol=1e-5)
-    for gc, ge in zip(grads_c, grads_e):
-        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
+    # fp32 through a dozen layers; Inductor fuses the eager ops differently: a few ulps of |log p| ~ 50.
+    assert_compiles_like_reference(lambda t: flow.log_prob(t).sum(), (x,), flow.parameters(), rtol=1e-4, atol=1e-5)
 
 
 def test_coupling_under_autocast_follows_the_input_dtype():
