@@ -14,8 +14,15 @@ import torch
 from . import backend
 from ._validation import check_choice, check_same, check_tensor
 from .reference import coupling as _ref_coupling
+from .reference import dmol as _ref_dmol
+from .reference import logsumexp as _ref_logsumexp
+from .reference import masked_conv as _ref_masked_conv
+from .reference import masked_linear as _ref_masked_linear
+from .reference import mixture as _ref_mixture
 
-backend.load_kernels("coupling")
+# Importing the kernel modules registers torch.ops.fastdensity.*; one that cannot be imported (no
+# Triton, a Triton too old) leaves its op on the reference path under "auto" (see backend.py).
+backend.load_kernels("coupling", "masked_linear", "masked_conv", "dmol", "logsumexp", "mixture")
 
 __all__ = ["affine_coupling", "masked_linear", "masked_conv2d", "dmol_log_prob", "logsumexp",
            "gaussian_mixture_log_prob", "logistic_mixture_log_prob"]
@@ -60,10 +67,6 @@ def affine_coupling(
     if backend.use_kernels(x, "coupling"):
         return torch.ops.fastdensity.affine_coupling(x, shift, scale_raw, scale, bool(inverse), float(clamp))
     return _ref_coupling.affine_coupling(x, shift, scale_raw, scale=scale, inverse=inverse, clamp=clamp)
-
-
-backend.load_kernels("masked_linear")
-from .reference import masked_linear as _ref_masked_linear  # noqa: E402
 
 
 def masked_linear(
@@ -113,10 +116,6 @@ def masked_linear(
     if backend.use_kernels(x, "masked_linear"):
         return torch.ops.fastdensity.masked_linear(x, weight, mask, bias)
     return _ref_masked_linear.masked_linear(x, weight, mask, bias)
-
-
-backend.load_kernels("masked_conv")
-from .reference import masked_conv as _ref_masked_conv  # noqa: E402
 
 
 def masked_conv2d(
@@ -188,10 +187,6 @@ def masked_conv2d(
                                           stride=stride, padding=padding, dilation=dilation)
 
 
-backend.load_kernels("dmol")
-from .reference import dmol as _ref_dmol  # noqa: E402
-
-
 def dmol_log_prob(
     x: torch.Tensor,
     params: torch.Tensor,
@@ -251,10 +246,6 @@ def dmol_log_prob(
     return _ref_dmol.dmol_log_prob(x, params, num_bits=num_bits, reduction=reduction)
 
 
-backend.load_kernels("logsumexp")
-from .reference import logsumexp as _ref_logsumexp  # noqa: E402
-
-
 def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     """``log(sum(exp(x), dim))`` without overflow: a drop-in for ``torch.logsumexp`` over one dim.
 
@@ -280,10 +271,6 @@ def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Te
     if backend.use_kernels(x, "logsumexp"):
         return torch.ops.fastdensity.logsumexp(x, dim, bool(keepdim)).to(x.dtype)
     return _ref_logsumexp.logsumexp(x, dim, bool(keepdim))
-
-
-backend.load_kernels("mixture")
-from .reference import mixture as _ref_mixture  # noqa: E402
 
 
 def _check_mixture_args(x, logits, means, log_scales) -> None:
