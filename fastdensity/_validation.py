@@ -32,6 +32,17 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
     return value
 
 
+def check_bias(bias, out_features: int, out_name: str, tensors: dict) -> None:
+    """An optional [out_features] bias (``out_name`` names that size in the message); when given it
+    joins ``tensors`` for :func:`check_same`'s dtype and device check."""
+    if bias is None:
+        return
+    check_tensor("bias", bias, dims=1)
+    if bias.shape[0] != out_features:
+        raise ValueError(f"bias must have shape [{out_name}] = ({out_features},); got {tuple(bias.shape)}")
+    tensors["bias"] = bias
+
+
 def check_same(tensors: Mapping[str, torch.Tensor], *, shape: bool = True) -> None:
     """All ``tensors`` share dtype and device (and shape, unless ``shape=False``); names the culprits."""
     (first_name, first), *rest = tensors.items()

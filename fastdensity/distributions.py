@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ._dtypes import acc_dtype
+
 __all__ = ["StandardNormal", "DiagonalNormal"]
 
 
@@ -34,7 +36,7 @@ class StandardNormal(nn.Module):
 
     def log_prob(self, inputs: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self._check(inputs)
-        acc = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(inputs.dtype)
         return -0.5 * inputs.to(acc).pow(2).flatten(1).sum(1) - self._log_z
 
     def _noise(self, num_samples: int, context) -> tuple[torch.Tensor, int | None]:
@@ -57,7 +59,7 @@ class DiagonalNormal(StandardNormal):
 
     def log_prob(self, inputs, context=None):
         self._check(inputs)
-        acc = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(inputs.dtype)
         u = (inputs.to(acc) - self.mean.to(acc)) * torch.exp(-self.log_std.to(acc))
         return -0.5 * u.pow(2).flatten(1).sum(1) - self.log_std.to(acc).sum() - self._log_z
 

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import backend
-from ._validation import check_choice, check_same, check_tensor
+from ._validation import check_bias, check_choice, check_same, check_tensor
 from .reference import coupling as _ref_coupling
 from .reference import dmol as _ref_dmol
 from .reference import logsumexp as _ref_logsumexp
@@ -107,11 +107,7 @@ def masked_linear(
         raise ValueError(f"x must have in_features = weight.shape[1] = {weight.shape[1]} in its last dim; "
                          f"got shape {tuple(x.shape)}")
     tensors = {"x": x, "weight": weight}
-    if bias is not None:
-        check_tensor("bias", bias, dims=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have shape [out] = ({weight.shape[0]},); got {tuple(bias.shape)}")
-        tensors["bias"] = bias
+    check_bias(bias, weight.shape[0], "out", tensors)
     check_same(tensors, shape=False)
     if backend.use_kernels(x, "masked_linear"):
         return torch.ops.fastdensity.masked_linear(x, weight, mask, bias)
@@ -159,11 +155,7 @@ def masked_conv2d(
     check_tensor("x", x, dims=4)
     check_tensor("weight", weight, dims=4)
     tensors = {"x": x, "weight": weight}
-    if bias is not None:
-        check_tensor("bias", bias, dims=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have shape [C_out] = ({weight.shape[0]},); got {tuple(bias.shape)}")
-        tensors["bias"] = bias
+    check_bias(bias, weight.shape[0], "C_out", tensors)
     check_same(tensors, shape=False)
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must have C_in = weight.shape[1] = {weight.shape[1]} channels; got shape "

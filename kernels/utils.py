@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import acc_dtype  # noqa: F401  (re-exported: the launchers' accumulation dtype)
+
 #: True when ``@triton.jit`` in this process returns interpreted functions (TRITON_INTERPRET=1 was set
 #: before the kernel modules were imported). Kernel modules copy it into their own ``INTERPRETED``.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -59,11 +61,6 @@ def target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 8
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Compute/accumulation dtype for a storage dtype: float64 stays float64, the rest use float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -50,6 +50,15 @@ def reject_other_kind_options(model: str, image: bool, **options) -> None:
         raise ValueError(f"{model}: {', '.join(wrong)} applies to {kind} only")
 
 
+def vector_coupling_args(model: str, shape, num_hidden) -> tuple[int, int]:
+    """``(D, num_hidden)`` for a coupling flow on vectors ``shape=[D]``: at least 2 features to split,
+    and MLPs of ``num_hidden`` hidden layers (default 2, at least 1)."""
+    num_hidden = 2 if num_hidden is None else at_least("num_hidden", num_hidden, 1)
+    if shape[0] < 2:
+        raise ValueError(f"{model} needs at least 2 features to couple; got shape {list(shape)}")
+    return shape[0], num_hidden
+
+
 def at_least(name: str, value, minimum: int) -> int:
     """``int(value)``, or a ValueError naming ``name`` when it is below ``minimum``."""
     value = int(value)

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import nn as fnn
-from .base import ConvNet, at_least, check_scales, check_shape, halvings, mlp, reject_other_kind_options
+from .base import (ConvNet, at_least, check_scales, check_shape, halvings, mlp, reject_other_kind_options,
+                   vector_coupling_args)
 from .multiscale import FactorOut, FlowModel, GaussianPrior, MultiScaleFlow
 
 __all__ = ["Glow"]
@@ -68,10 +69,7 @@ class Glow(FlowModel):
                              num_scales=num_scales, scale=scale)
             self.flow = self._image_flow(shape, num_steps, hidden, num_blocks, num_scales, scale)
         else:
-            num_hidden = 2 if num_hidden is None else at_least("num_hidden", num_hidden, 1)
-            d = shape[0]
-            if d < 2:
-                raise ValueError(f"Glow needs at least 2 features to couple; got shape {list(shape)}")
+            d, num_hidden = vector_coupling_args("Glow", shape, num_hidden)
             super().__init__(shape, num_steps=num_steps, hidden=hidden, num_hidden=num_hidden, scale=scale)
             net = lambda i, o: mlp(i, o, hidden, num_hidden)  # noqa: E731
             steps: list[fnn.Transform] = []

@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import Transform
+from ..nn.base import zero_logdet
 from .base import DensityModel
 
 __all__ = ["checkerboard_mask", "CheckerboardCoupling", "GaussianPrior", "FactorOut", "MultiScaleFlow", "FlowModel"]
@@ -175,8 +176,7 @@ class MultiScaleFlow(nn.Module):
     def _walk(self, x, standardize: bool):
         """Run the levels; returns the per-example log-density (or the noise parts and the log-det)."""
         h = x
-        total = torch.zeros(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                            device=x.device)
+        total = zero_logdet(x)
         parts = []
         for i, level in enumerate(self.levels):
             h, logdet = level(h)

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .. import nn as fnn
+from .._dtypes import acc_dtype
 from .base import DensityModel, check_shape
 
 __all__ = ["GatedResidualBlock", "PixelCNN"]
@@ -154,7 +155,7 @@ class PixelCNN(DensityModel):
     def _level_log_probs(self, params: torch.Tensor) -> torch.Tensor:
         """[L, B, H, W]: the head's log-probability of every level's grid value at every pixel."""
         b, _, h, w = params.shape
-        values = self.grid_values.to(torch.float64 if params.dtype == torch.float64 else torch.float32)
+        values = self.grid_values.to(acc_dtype(params.dtype))
         # All L candidate values in one call: the batch repeats the parameters once per level.
         x = values.view(-1, 1, 1, 1, 1).expand(self.levels, b, 1, h, w).reshape(self.levels * b, 1, h, w)
         rep = params.unsqueeze(0).expand(self.levels, *params.shape).reshape(self.levels * b, *params.shape[1:])

@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import nn as fnn
-from .base import ConvNet, at_least, check_scales, check_shape, halvings, mlp, reject_other_kind_options
+from .base import (ConvNet, at_least, check_scales, check_shape, halvings, mlp, reject_other_kind_options,
+                   vector_coupling_args)
 from .multiscale import CheckerboardCoupling, FactorOut, FlowModel, GaussianPrior, MultiScaleFlow
 
 __all__ = ["RealNVP"]
@@ -96,10 +97,7 @@ class RealNVP(FlowModel):
                              num_scales=num_scales, scale=scale)
             self.flow = self._image_flow(shape, num_layers, hidden, num_blocks, num_scales, scale)
         else:
-            num_hidden = 2 if num_hidden is None else at_least("num_hidden", num_hidden, 1)
-            d = shape[0]
-            if d < 2:
-                raise ValueError(f"RealNVP needs at least 2 features to couple; got shape {list(shape)}")
+            d, num_hidden = vector_coupling_args("RealNVP", shape, num_hidden)
             actnorm = True if actnorm is None else bool(actnorm)
             super().__init__(shape, num_layers=num_layers, hidden=hidden, num_hidden=num_hidden, scale=scale,
                              actnorm=actnorm)

@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..reference.coupling import logdet_dtype
+from .._dtypes import acc_dtype
 
 __all__ = ["Transform", "CompositeTransform", "InverseTransform"]
 
@@ -31,7 +31,7 @@ class Transform(nn.Module):
 
 def zero_logdet(x: torch.Tensor) -> torch.Tensor:
     """A [B] log-det of zeros in the accumulation dtype (fp32, or fp64 for fp64 inputs)."""
-    return torch.zeros(x.shape[0], dtype=logdet_dtype(x.dtype), device=x.device)
+    return torch.zeros(x.shape[0], dtype=acc_dtype(x.dtype), device=x.device)
 
 
 def per_position_logdet(log_scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def per_position_logdet(log_scales: torch.Tensor, x: torch.Tensor) -> torch.Tens
     A real [B] tensor (not a stride-0 expand), so callers may update it in place.
     """
     positions = x.shape[2:].numel()  # H * W; 1 for [B, C]
-    return (positions * log_scales.to(logdet_dtype(x.dtype)).sum()).repeat(x.shape[0])
+    return (positions * log_scales.to(acc_dtype(x.dtype)).sum()).repeat(x.shape[0])
 
 
 class CompositeTransform(Transform):

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import acc_dtype
+
 SCALES = ("exp", "softclamp", "sigmoid", "additive")
 SIGMOID_OFFSET = 2.0
 SIGMOID_EPS = 1e-3
 DEFAULT_CLAMP = 2.0
-
-
-def logdet_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation and output dtype of the log-det: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def scale_and_log_scale(scale_raw: torch.Tensor, scale: str, clamp: float = DEFAULT_CLAMP):
@@ -64,13 +61,13 @@ def affine_coupling(
         upcast: compute in float64 and cast the result back (for tolerance studies).
 
     Returns:
-        ``(y, logdet)``: y like x; logdet [B] in :func:`logdet_dtype` of x.
+        ``(y, logdet)``: y like x; logdet [B] in :func:`fastdensity._dtypes.acc_dtype` of x.
     """
     out_dtype = x.dtype
     if upcast:
         x, shift = x.double(), shift.double()
         scale_raw = None if scale_raw is None else scale_raw.double()
-    acc = logdet_dtype(out_dtype)
+    acc = acc_dtype(out_dtype)
     dims = tuple(range(1, x.dim()))
     if scale == "additive":
         y = x - shift if inverse else x + shift

@@ -52,6 +52,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .._dtypes import acc_dtype
 import torch.nn.functional as F
 
 REDUCTIONS = ("sum", "none")
@@ -167,9 +169,8 @@ def discretized_logistic_log_prob(x: torch.Tensor, mean: torch.Tensor, log_scale
     return torch.where(x < -edge, log_cdf_upper, torch.where(x > edge, log_sf_lower, interior))
 
 
-def compute_dtype(params_dtype: torch.dtype) -> torch.dtype:
-    """Compute and output dtype: float64 for float64 params, float32 for everything else."""
-    return torch.float64 if params_dtype == torch.float64 else torch.float32
+#: Compute and output dtype of a params dtype (the library-wide rule: float64 stays, the rest float32).
+compute_dtype = acc_dtype
 
 
 def dmol_log_prob(x: torch.Tensor, params: torch.Tensor, *, num_bits: int = DEFAULT_NUM_BITS,

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import torch
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Compute dtype: float64 stays float64, every other floating dtype computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._dtypes import acc_dtype
 
 
 def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False, *, upcast: bool = False) -> torch.Tensor:

@@ -23,15 +23,12 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .._dtypes import acc_dtype
 import torch.nn.functional as F
 
 KINDS = ("gaussian", "logistic")
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-def log_prob_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Compute and output dtype of the log-likelihood: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def component_log_prob(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, kind: str) -> torch.Tensor:
@@ -60,12 +57,12 @@ def mixture_log_prob(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor,
         logits: [..., K] unnormalised mixture weights (normalised here with a log-softmax).
         means, log_scales: [..., K, D] component locations and log-scales.
         kind: ``"gaussian"`` or ``"logistic"``.
-        upcast: compute in float64 (for tolerance studies); the result keeps :func:`log_prob_dtype`.
+        upcast: compute in float64 (for tolerance studies); the result keeps :func:`fastdensity._dtypes.acc_dtype`.
 
     Returns:
-        [broadcast batch shape] log-likelihood per sample, in :func:`log_prob_dtype` of x.
+        [broadcast batch shape] log-likelihood per sample, in :func:`fastdensity._dtypes.acc_dtype` of x.
     """
-    out_dtype = log_prob_dtype(x.dtype)
+    out_dtype = acc_dtype(x.dtype)
     compute = torch.float64 if upcast else out_dtype
     x, logits, means, log_scales = (t.to(compute) for t in (x, logits, means, log_scales))
     log_pi = torch.log_softmax(logits, dim=-1)
