@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from fastdensity.verify import VerifyCase, dims, public_ops
+
 from .harness import Case, Runner, Settings, element_size, op_providers, op_unavailable, peer, randn, traffic
 
 OP = "coupling"
@@ -131,3 +133,27 @@ def cases(settings: Settings) -> list[Case]:
     dtypes = settings.pick_dtypes([torch.bfloat16, torch.float32] if settings.cuda else [torch.float32])
     out = [_op_case(settings, shape, dtype) for dtype in dtypes for shape in op_shapes]
     return out + [_layer_case(settings, *layer, dtype) for dtype in dtypes]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The shapes `fastdensity verify` checks (kernel vs eager vs float64 reference)
+# ------------------------------------------------------------------------------------------------------
+
+
+def verify_cases(cuda: bool) -> list[VerifyCase]:
+    variants = ([((256, 6, 32, 32), "sigmoid", False), ((65536, 64), "exp", True), ((7, 3, 33, 31), "softclamp", False)]
+                if cuda else [((3, 5, 7), "sigmoid", False), ((2, 37), "softclamp", True), ((1, 9), "exp", False)])
+    out = []
+    for shape, scale, inverse in variants:
+        def make(device, shape=shape, scale=scale):
+            h = torch.randn((shape[0], 2 * shape[1], *shape[2:]), device=device)
+            x = torch.randn(shape, device=device)
+            return [x, h]
+
+        def call(x, h, scale=scale, inverse=inverse):
+            shift, scale_raw = h.chunk(2, dim=1)  # strided views, as coupling layers pass them
+            return public_ops().affine_coupling(x, shift, scale_raw, scale=scale, inverse=inverse)
+
+        label = f"x{dims(shape)} {scale}" + (" inverse" if inverse else "")
+        out.append(VerifyCase("affine_coupling", label, make, call, ("x", "h"), (0, 1), ("y", "logdet")))
+    return out

@@ -10,13 +10,15 @@ Gradients go to params only: x is data. With e bytes per params element and M = 
 
 Per (pixel, channel, component) the op evaluates about nine transcendentals (two sigmoids, two
 softpluses, exp of the log-scale, tanh of a coefficient, the log of the bin mass, ...), so on a GPU
-it may be bound by the special-function units rather than by memory (ANCHORS.md); the fallback
-branch adds a few more. Shape (issue 3): x [64, 3, 32, 32], params [64, 100, 32, 32] (K = 10),
+it may be bound by the special-function units rather than by memory (docs/design.md, Machines); the fallback
+branch adds a few more. Shape: x [64, 3, 32, 32], params [64, 100, 32, 32] (K = 10),
 fp32 and bf16 params.
 """
 from __future__ import annotations
 
 import torch
+
+from fastdensity.verify import VerifyCase, public_ops
 
 from .harness import Case, Settings, element_size, op_providers, op_unavailable, randn, traffic
 
@@ -61,3 +63,26 @@ def cases(settings: Settings) -> list[Case]:
         shapes = [(4, 5, 16)] if settings.quick else [(16, 10, 32)]
     dtypes = settings.pick_dtypes([torch.float32, torch.bfloat16] if settings.cuda else [torch.float32])
     return [_case(settings, *s, dtype) for dtype in dtypes for s in shapes]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The shapes `fastdensity verify` checks (kernel vs eager vs float64 reference)
+# ------------------------------------------------------------------------------------------------------
+
+
+def verify_cases(cuda: bool) -> list[VerifyCase]:
+    # (B, C, H, W, K)
+    shapes = [(8, 3, 32, 32, 10), (4, 1, 17, 15, 5)] if cuda else [(2, 3, 3, 4, 3), (2, 1, 5, 3, 2)]
+    out = []
+    for b, c, h, w, k in shapes:
+        def make(device, b=b, c=c, h=h, w=w, k=k):
+            levels = torch.randint(0, 256, (b, c, h, w), device=device)
+            levels.view(-1)[:2] = torch.tensor([0, 255], device=device)  # both open-ended edge bins
+            x = levels.float() / 127.5 - 1.0
+            params = torch.randn(b, (10 if c == 3 else 3) * k, h, w, device=device)
+            return [x, params]
+
+        out.append(VerifyCase("dmol_log_prob", f"x[{b},{c},{h},{w}] K={k}", make,
+                              lambda x, params: public_ops().dmol_log_prob(x, params), ("x", "params"), (1,),
+                              ("log_prob",), keep_fp32=(0,)))
+    return out

@@ -25,13 +25,15 @@ Minimum traffic, e bytes per element, X = B C H W (input and output alike), W = 
     forward + backward                                                            the sum
 
 Flops 2 B H W C^2 L forward and twice that backward: compute-bound, so GB/s here only says how far
-from the memory floor a provider is. Shapes (issue 4): [64, 256, 32, 32] with 5x5 and 7x7, and
+from the memory floor a provider is. Shapes: [64, 256, 32, 32] with 5x5 and 7x7, and
 [64, 128, 32, 32] with 3x3, both mask types, bf16 and fp32 on a GPU.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fastdensity.verify import VerifyCase, public_ops
 
 from .harness import Case, Provider, Runner, Settings, element_size, op_providers, op_unavailable, randn, traffic
 
@@ -114,3 +116,27 @@ def cases(settings: Settings) -> list[Case]:
         configs = [(7, "A", 64), (5, "B", 64), (3, "B", 64), (7, "B", 64), (5, "A", 64), (3, "A", 64)]
     dtypes = settings.pick_dtypes([torch.bfloat16, torch.float32] if settings.cuda else [torch.float32])
     return [_case(settings, batch, c, size, k, t, dtype) for k, t, c in configs for dtype in dtypes]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The shapes `fastdensity verify` checks (kernel vs eager vs float64 reference)
+# ------------------------------------------------------------------------------------------------------
+
+
+def verify_cases(cuda: bool) -> list[VerifyCase]:
+    # (N, C_in, C_out, H, W, k, mask type, colour groups)
+    shapes = ([(8, 64, 64, 16, 16, 3, "B", 1), (4, 96, 96, 12, 12, 7, "A", 3), (2, 30, 45, 9, 11, 5, "B", 3)]
+              if cuda else [(1, 4, 5, 5, 6, 3, "B", 1), (2, 3, 6, 4, 5, 5, "A", 3)])
+    out = []
+    for n, cin, cout, h, w, k, mtype, groups in shapes:
+        def make(device, n=n, cin=cin, cout=cout, h=h, w=w, k=k):
+            return [torch.randn(n, cin, h, w, device=device),
+                    torch.randn(cout, cin, k, k, device=device) / (cin * k * k) ** 0.5,
+                    0.1 * torch.randn(cout, device=device)]
+
+        def call(x, weight, bias, mtype=mtype, groups=groups):
+            return public_ops().masked_conv2d(x, weight, bias, mask_type=mtype, color_groups=groups)
+
+        out.append(VerifyCase("masked_conv2d", f"x[{n},{cin},{h},{w}] {k}x{k} {mtype} groups={groups} ->{cout}",
+                              make, call, ("x", "weight", "bias"), (0, 1, 2), ("y",)))
+    return out

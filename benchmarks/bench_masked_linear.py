@@ -14,13 +14,15 @@ Minimum traffic, e bytes per element, mask as stored (1 byte per bool):
     forward + backward                                                       the sum
 
 Flops 2 B I O d forward (d: the live share of the tiles, ~0.5 here) and twice that backward:
-compute-bound. Shape (issue 4): 2048 -> 2048, batch 8192, bf16 and fp32 on a GPU. PyTorch's default
+compute-bound. Shape: 2048 -> 2048, batch 8192, bf16 and fp32 on a GPU. PyTorch's default
 fp32 matmul (no TF32) is what the fp32 dense rows use.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fastdensity.verify import VerifyCase, public_ops
 
 from .harness import Case, Provider, Runner, Settings, element_size, op_providers, op_unavailable, randn, traffic
 
@@ -76,3 +78,28 @@ def cases(settings: Settings) -> list[Case]:
         shapes = [(512, 256, 256, 16)] if settings.quick else [(2048, 1024, 1024, 64)]
     dtypes = settings.pick_dtypes([torch.bfloat16, torch.float32] if settings.cuda else [torch.float32])
     return [_case(settings, *s, dtype) for dtype in dtypes for s in shapes]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The shapes `fastdensity verify` checks (kernel vs eager vs float64 reference)
+# ------------------------------------------------------------------------------------------------------
+
+
+def verify_cases(cuda: bool) -> list[VerifyCase]:
+    # (B, in, out, density of the random block mask)
+    shapes = [(512, 1024, 768), (8192, 256, 512)] if cuda else [(3, 37, 29), (1, 16, 16)]
+    out = []
+    for b, n_in, n_out in shapes:
+        def make(device, b=b, n_in=n_in, n_out=n_out):
+            # MADE-like: sorted degrees make the mask block-triangular, so some tiles are dead.
+            deg_in = torch.sort(torch.randint(1, 8, (n_in,))).values
+            deg_out = torch.sort(torch.randint(1, 8, (n_out,))).values
+            mask = (deg_out[:, None] >= deg_in[None, :]).to(device)
+            return [torch.randn(b, n_in, device=device), torch.randn(n_out, n_in, device=device) / n_in ** 0.5,
+                    mask, 0.1 * torch.randn(n_out, device=device)]
+
+        out.append(VerifyCase("masked_linear", f"x[{b},{n_in}] -> {n_out}", make,
+                              lambda x, weight, mask, bias: public_ops().masked_linear(x, weight, mask, bias),
+                              ("x", "weight", "mask", "bias"), (0, 1, 3), ("y",)))
+    return out
+

@@ -1,4 +1,4 @@
-"""Training steps of whole models: fastdensity's RealNVP, Glow, MAF and PixelCNN, and the peers' flows.
+"""Training steps of whole models: fastdensity's RealNVP, Glow, MAF, NSF and PixelCNN, and the peers' flows.
 
 A step is ``loss = -log_prob(x).mean()`` and its gradients with respect to every parameter (the
 optimizer update, the same for every library, is left out). ``forward`` is the loss alone,
@@ -21,12 +21,18 @@ weights. Sizes:
   MAF        zuko ``flows.MAF(D, transforms=L, hidden_features=(H, H))``; nflows ``Flow`` of L
              ``MaskedAffineAutoregressiveTransform(D, H, num_blocks=1, use_residual_blocks=False)``
              (two hidden layers) with ``ReversePermutation`` between them
+  NSF        spline couplings, K bins on [-5, 5] (zuko's default bound): zuko ``flows.NSF(D,
+             transforms=L, hidden_features=(H, H), bins=K, passes=2)`` (its coupling form: a masked MLP
+             over all D inputs); nflows ``Flow`` of L ``PiecewiseRationalQuadraticCouplingTransform``
+             with alternating masks, ``tails="linear"`` and an MLP D/2 -> H -> H -> D/2 (3K - 1)
   =========  ==========================================================================================
 
-  Ours: ``RealNVP([D], num_layers=L, hidden=H, num_hidden=2, scale="sigmoid", actnorm=False)`` and
+  Ours: ``RealNVP([D], num_layers=L, hidden=H, num_hidden=2, scale="sigmoid", actnorm=False)``,
   ``MAF([D], num_layers=L, hidden=H, num_hidden=2, scale="sigmoid", actnorm=False)`` (nflows' scale
-  function, and without the ActNorm our models put in front by default, which the peers do not have);
-  zuko uses its own soft-clipped exp scale, of the same cost order.
+  function, and without the ActNorm our models put in front by default, which the peers do not have)
+  and ``NSF([D], kind="coupling", num_layers=L, hidden=H, num_hidden=2, num_bins=K, tail_bound=5,
+  actnorm=False)``; zuko uses its own soft-clipped exp scale, of the same cost order, and its own
+  spline parameterisation (soft-clipped logits, exp slopes), of the same cost order too.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from torch import nn
 from .harness import Case, Runner, Settings, op_providers, peer, randn
 
 OP = "models"
+SPLINE_BOUND = 5.0  # zuko's default; nflows and ours are given the same
 
 
 def _model_unavailable(name: str) -> str | None:
@@ -56,7 +63,8 @@ def _data(settings: Settings, shape, batch: int, discrete_levels: int | None):
     return randn((batch, *shape), settings, torch.float32, grad=False)
 
 
-def _model_case(settings: Settings, name: str, shape, batch: int, config: dict, peers=(), label: str = "") -> Case:
+def _model_case(settings: Settings, name: str, shape, batch: int, config: dict, peers=(), label: str = "",
+                kernel: str = "coupling") -> Case:
     state: dict = {}
     levels = config.get("levels")  # discrete models (PixelCNN) take integer levels
 
@@ -71,9 +79,9 @@ def _model_case(settings: Settings, name: str, shape, batch: int, config: dict, 
     def step(x):
         return _loss(state["model"], x)
 
-    # fastdensity runs every kernel the model uses; "coupling" only names the availability check.
+    # fastdensity runs every kernel the model uses; ``kernel`` only names the availability check.
     # Compiling a whole flow takes minutes on a CPU: not in quick runs, and only with 90 s in hand.
-    providers = op_providers(step, settings.device, "coupling", setup=setup, compile_reserve_s=90.0,
+    providers = op_providers(step, settings.device, kernel, setup=setup, compile_reserve_s=90.0,
                              wrt=lambda inputs: list(state["model"].parameters()))
     if settings.quick:
         providers = [p for p in providers if not p.compiles]
@@ -97,6 +105,7 @@ def _model_case(settings: Settings, name: str, shape, batch: int, config: dict, 
 class _MLP(nn.Module):
     def __init__(self, n_in, n_out, hidden):
         super().__init__()
+        self.hidden_features = hidden  # as nflows' ResidualNet: its spline coupling scales the logits by it
         self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, n_out))
 
@@ -110,31 +119,37 @@ def _peer_runner(settings: Settings, flow: nn.Module, log_prob) -> Runner:
     return Runner(lambda x: -log_prob(flow, x).mean(), wrt=lambda inputs: params)
 
 
-def _zuko(settings, kind: str, d: int, layers: int, hidden: int):
+def _zuko(settings, kind: str, d: int, layers: int, hidden: int, bins: int = 8):
     def build():
         import zuko
 
-        cls = zuko.flows.RealNVP if kind == "realnvp" else zuko.flows.MAF
-        return _peer_runner(settings, cls(d, transforms=layers, hidden_features=(hidden, hidden)),
-                            lambda flow, x: flow().log_prob(x))
+        if kind == "nsf":
+            flow = zuko.flows.NSF(d, transforms=layers, hidden_features=(hidden, hidden), bins=bins, passes=2)
+        else:
+            cls = zuko.flows.RealNVP if kind == "realnvp" else zuko.flows.MAF
+            flow = cls(d, transforms=layers, hidden_features=(hidden, hidden))
+        return _peer_runner(settings, flow, lambda f, x: f().log_prob(x))
 
     return peer("zuko", "zuko", build)
 
 
-def _nflows(settings, kind: str, d: int, layers: int, hidden: int):
+def _nflows(settings, kind: str, d: int, layers: int, hidden: int, bins: int = 8):
     def build():
         from nflows.distributions.normal import StandardNormal
         from nflows.flows.base import Flow
         from nflows.transforms import CompositeTransform
         from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
-        from nflows.transforms.coupling import AffineCouplingTransform
+        from nflows.transforms.coupling import AffineCouplingTransform, PiecewiseRationalQuadraticCouplingTransform
         from nflows.transforms.permutations import ReversePermutation
 
         transforms = []
         for k in range(layers):
+            mask = (torch.arange(d) + k) % 2 * 2 - 1
             if kind == "realnvp":
-                mask = (torch.arange(d) + k) % 2 * 2 - 1
                 transforms.append(AffineCouplingTransform(mask, lambda i, o: _MLP(i, o, hidden)))
+            elif kind == "nsf":
+                transforms.append(PiecewiseRationalQuadraticCouplingTransform(
+                    mask, lambda i, o: _MLP(i, o, hidden), num_bins=bins, tails="linear", tail_bound=SPLINE_BOUND))
             else:
                 # num_blocks=1: a first masked layer and one more, two hidden layers as in the others.
                 transforms.append(MaskedAffineAutoregressiveTransform(d, hidden, num_blocks=1,
@@ -147,7 +162,7 @@ def _nflows(settings, kind: str, d: int, layers: int, hidden: int):
     return peer("nflows", "nflows", build)
 
 
-def _vector_cases(settings: Settings, d: int, layers: int, hidden: int, batch: int) -> list[Case]:
+def _vector_cases(settings: Settings, d: int, layers: int, hidden: int, batch: int, bins: int = 8) -> list[Case]:
     size = f"L={layers} H={hidden}"
     return [
         _model_case(settings, "realnvp", (d,), batch, {"num_layers": layers, "hidden": hidden, "num_hidden": 2,
@@ -158,6 +173,11 @@ def _vector_cases(settings: Settings, d: int, layers: int, hidden: int, batch: i
                                                    "scale": "sigmoid", "actnorm": False},
                     [_zuko(settings, "maf", d, layers, hidden), _nflows(settings, "maf", d, layers, hidden)],
                     size),
+        _model_case(settings, "nsf", (d,), batch, {"kind": "coupling", "num_layers": layers, "hidden": hidden,
+                                                   "num_hidden": 2, "num_bins": bins, "tail_bound": SPLINE_BOUND,
+                                                   "actnorm": False},
+                    [_zuko(settings, "nsf", d, layers, hidden, bins), _nflows(settings, "nsf", d, layers, hidden, bins)],
+                    f"{size} K={bins}", kernel="spline"),
     ]
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "DENSITIES_2D", "BUILTIN", "Density2D", "EightGaussians", "Checkerboard", "TwoMoons", "Rings",
     "Data", "load_data", "density_2d", "Preprocess", "Identity", "Dequantize", "make_preprocess",
     "bits_per_dim", "independent_pixel_baseline",
+    "CONDITIONAL_DENSITIES_2D", "ConditionalDensity2D", "ConditionalBanana", "conditional_density_2d",
 ]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -251,6 +252,99 @@ def density_2d(name: str) -> Density2D:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Conditional 2-D densities: p(x | c) with an exact conditional log-density
+# ---------------------------------------------------------------------------------------------------
+
+
+class ConditionalDensity2D:
+    """A family of densities p(x | c) on R^2 indexed by a context c ~ p(c) in R^C, for conditional models.
+
+    ``sample_context(n)`` draws contexts [n, C], ``sample(context)`` one x [n, 2] per context row,
+    ``log_prob(x, context)`` the exact log p(x | c) [n]. ``true_nll()`` is the conditional entropy
+    H(X | C) = -E log p(X | C), the lowest expected test NLL of a conditional model; the paired KL gap
+    ``mean_i [log p(x_i | c_i) - log q(x_i | c_i)]`` over pairs drawn from the joint estimates
+    E_c KL(p(. | c) || q(. | c)), the gap averaged over contexts. float64 throughout.
+    """
+
+    name = ""
+    context_features = 1
+    #: H(X | C) in nats when known in closed form
+    exact_entropy: Optional[float] = None
+
+    def sample_context(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, context: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample_joint(self, n: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x [n, 2], c [n, C])`` drawn from the joint p(c) p(x | c)."""
+        c = self.sample_context(n, generator)
+        return self.sample(c, generator), c
+
+    def true_nll(self, num_samples: int = 200_000, seed: int = 1234) -> tuple[float, float]:
+        """``(H(X | C), standard error)``; exact (error 0) when known in closed form, else Monte Carlo."""
+        if self.exact_entropy is not None:
+            return self.exact_entropy, 0.0
+        x, c = self.sample_joint(num_samples, torch.Generator().manual_seed(seed))
+        nll = -self.log_prob(x, c)
+        return nll.mean().item(), (nll.std() / math.sqrt(num_samples)).item()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ConditionalBanana(ConditionalDensity2D):
+    """A banana whose position and bend follow a scalar context c ~ U(-1, 1)::
+
+        x_1 | c       ~ N(c, 1)
+        x_2 | x_1, c  ~ N(c ((x_1 - c)^2 - 1), sigma^2)          sigma = 0.5
+
+    so the banana opens upwards for c > 0, downwards for c < 0 and is a straight Gaussian ridge at
+    c = 0. ``log p(x | c) = log N(x_1 - c; 0, 1) + log N(x_2; c ((x_1 - c)^2 - 1), sigma^2)`` exactly,
+    and H(X | C) = log(2 pi e) + log sigma for every c (the map (x_1, x_2) -> (x_1 - c, x_2 - mean) has
+    unit Jacobian).
+    """
+
+    name = "banana"
+    sigma = 0.5
+    exact_entropy = math.log(2 * math.pi * math.e) + math.log(0.5)
+
+    def sample_context(self, n, generator=None):
+        return 2 * torch.rand(n, 1, generator=generator, dtype=torch.float64) - 1
+
+    def _mean_x2(self, u, c):
+        return c * (u ** 2 - 1)
+
+    def sample(self, context, generator=None):
+        c = context.double().reshape(-1)
+        u = torch.randn(c.shape[0], generator=generator, dtype=torch.float64)
+        x2 = self._mean_x2(u, c) + self.sigma * torch.randn(c.shape[0], generator=generator, dtype=torch.float64)
+        return torch.stack([u + c, x2], dim=1)
+
+    def log_prob(self, x, context):
+        x, c = x.double(), context.double().reshape(-1)
+        u = x[:, 0] - c
+        r = (x[:, 1] - self._mean_x2(u, c)) / self.sigma
+        return -0.5 * (u ** 2 + r ** 2) - LOG_2PI - math.log(self.sigma)
+
+
+CONDITIONAL_DENSITIES_2D = {cls.name: cls for cls in (ConditionalBanana,)}
+
+
+@lru_cache(maxsize=None)
+def conditional_density_2d(name: str) -> ConditionalDensity2D:
+    """The (shared, immutable) :class:`ConditionalDensity2D` called ``name``."""
+    if name not in CONDITIONAL_DENSITIES_2D:
+        raise ValueError(f"unknown conditional 2-D density {name!r}; choose one of "
+                         f"{', '.join(CONDITIONAL_DENSITIES_2D)}")
+    return CONDITIONAL_DENSITIES_2D[name]()
+
+
+# ---------------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------------
 
@@ -370,12 +464,17 @@ def _load_arrays(path: str) -> dict:
                               "np.savez(path, train=...)")
         return ValueError(f"data file {path!r} could not be read as a NumPy {ext} file: {exc}")
 
+    def native(a: np.ndarray) -> np.ndarray:
+        # Big-endian data (">f4", ">i2": written on or for another machine) is valid; torch.from_numpy
+        # takes native byte order only, so convert here, once, keeping the values and the dtype's kind.
+        return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
-            return {"data": loaded}
+            return {"data": native(loaded)}
         with loaded:  # an .npz archive: its arrays are read (and refused) one by one
-            return {k: loaded[k] for k in loaded.files}
+            return {k: native(loaded[k]) for k in loaded.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise refused(exc) from exc
 

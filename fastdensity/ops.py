@@ -1,5 +1,6 @@
 """Public functional API: one function per op, each validating its arguments and dispatching.
 
+The ops, their kernel modules and this module's ``__all__`` are declared in ``fastdensity.op_table``.
 Every function checks its inputs (the same errors whichever backend runs), then asks
 :func:`fastdensity.backend.use_kernels` whether the Triton kernel (registered as
 ``torch.ops.fastdensity.<op>``) or the reference in :mod:`fastdensity.reference` runs. Both paths
@@ -11,8 +12,8 @@ import math
 
 import torch
 
-from . import backend
-from ._validation import check_bias, check_choice, check_same, check_tensor
+from . import backend, op_table
+from ._validation import check_bias, check_choice, check_real, check_same, check_tensor
 from .reference import coupling as _ref_coupling
 from .reference import dmol as _ref_dmol
 from .reference import logsumexp as _ref_logsumexp
@@ -21,11 +22,11 @@ from .reference import masked_linear as _ref_masked_linear
 from .reference import mixture as _ref_mixture
 
 # Importing the kernel modules registers torch.ops.fastdensity.*; one that cannot be imported (no
-# Triton, a Triton too old) leaves its op on the reference path under "auto" (see backend.py).
-backend.load_kernels("coupling", "masked_linear", "masked_conv", "dmol", "logsumexp", "mixture")
+# Triton, a Triton too old) leaves its op on the reference path under "auto" (see backend.py). Which
+# modules, and which functions this module exports, come from the op table.
+backend.load_kernels(*op_table.names())
 
-__all__ = ["affine_coupling", "masked_linear", "masked_conv2d", "dmol_log_prob", "logsumexp",
-           "gaussian_mixture_log_prob", "logistic_mixture_log_prob"]
+__all__ = op_table.public_functions()
 
 
 def affine_coupling(
@@ -47,7 +48,8 @@ def affine_coupling(
         scale: ``"sigmoid"`` (s = sigmoid(h + 2) + 1e-3, Glow/nflows), ``"exp"`` (s = exp(h)),
             ``"softclamp"`` (s = exp(c tanh(h / c))) or ``"additive"`` (s = 1, NICE).
         inverse: compute ``x = (y - shift) / s`` from ``y`` (passed as ``x``) instead.
-        clamp: ``c`` of "softclamp", positive and finite: |log s| stays below it.
+        clamp: ``c`` of "softclamp", positive and finite: |log s| stays below it. A real number whatever
+            the scale (both paths pass it on as one).
 
     Returns:
         ``(y, logdet)``: y [B, ...] like x; logdet [B] = sum of log s over all non-batch dims
@@ -61,11 +63,12 @@ def affine_coupling(
         if scale_raw is None:
             raise ValueError(f"scale_raw is required for scale={scale!r} (only 'additive' has no scale)")
         tensors["scale_raw"] = check_tensor("scale_raw", scale_raw)
-    if scale == "softclamp" and not 0.0 < float(clamp) < math.inf:
+    clamp = check_real("clamp", clamp)
+    if scale == "softclamp" and not 0.0 < clamp < math.inf:
         raise ValueError(f"clamp must be a positive finite number for scale='softclamp'; got {clamp!r}")
     check_same(tensors)
     if backend.use_kernels(x, "coupling"):
-        return torch.ops.fastdensity.affine_coupling(x, shift, scale_raw, scale, bool(inverse), float(clamp))
+        return torch.ops.fastdensity.affine_coupling(x, shift, scale_raw, scale, bool(inverse), clamp)
     return _ref_coupling.affine_coupling(x, shift, scale_raw, scale=scale, inverse=inverse, clamp=clamp)
 
 
@@ -135,8 +138,8 @@ def masked_conv2d(
 
     On CUDA under the ``auto`` backend the fastest of three implementations runs - the Triton kernel
     over the live taps, cuDNN on the masked weight, or a split into two dense convolutions - measured
-    once per problem and cached (``fastdensity.dispatch``; ``FASTDENSITY_AUTOTUNE=0`` keeps the
-    kernel). A forced ``triton`` backend always runs the kernel; CPU tensors under ``auto`` run the
+    once per problem and cached (``fastdensity.masked_conv_impls``; ``FASTDENSITY_AUTOTUNE=0`` keeps
+    the kernel). A forced ``triton`` backend always runs the kernel; CPU tensors under ``auto`` run the
     reference. fp32 products use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` says PyTorch's
     own convolutions do.
 
@@ -170,11 +173,14 @@ def masked_conv2d(
         raise ValueError(f"x of spatial size {tuple(x.shape[2:])} is too small for kernel {kernel_size} with "
                          f"padding {padding} and dilation {dilation}: the output would be {out_hw}")
     if backend.use_kernels(x, "masked_conv"):
-        # "auto" lets the op pick its fastest implementation; a forced "triton" means the kernel itself.
-        impl = "auto" if backend.get_backend() == "auto" else "triton"
+        args = (x, weight, bias, mask_type, color_groups, list(stride), list(padding), list(dilation))
+        if backend.get_backend() != "auto":  # a forced "triton" means the kernel itself
+            return torch.ops.fastdensity.masked_conv2d_triton(*args)
+        # "auto": the op that picks the fastest of the kernel, cuDNN and the split. It lives in the package
+        # layer and imports the kernel module, which use_kernels has just vouched for: imported here.
+        from . import masked_conv_impls  # noqa: F401  (registers torch.ops.fastdensity.masked_conv2d)
         training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
-        return torch.ops.fastdensity.masked_conv2d(x, weight, bias, mask_type, color_groups, list(stride),
-                                                   list(padding), list(dilation), impl, training)
+        return torch.ops.fastdensity.masked_conv2d(*args, "auto", training)
     return _ref_masked_conv.masked_conv2d(x, weight, bias, mask_type=mask_type, color_groups=color_groups,
                                           stride=stride, padding=padding, dilation=dilation)
 
@@ -206,7 +212,7 @@ def dmol_log_prob(
         reduction: ``"sum"`` -> [B] (summed over H and W) or ``"none"`` -> [B, H, W].
         validate_args: check that x lies in [-1, 1]. This reads x's minimum and maximum back to the
             host (one device synchronisation per call); pass False in a GPU training loop. Skipped
-            inside ``torch.compile``, which cannot raise on data.
+            inside ``torch.compile``, which cannot raise on data, and for meta tensors, which hold none.
 
     Returns:
         The log-likelihood in nats, float32 (float64 for float64 params). Gradients reach params (every
@@ -227,7 +233,7 @@ def dmol_log_prob(
         raise ValueError(f"x must be float32, float64 or params' dtype ({params.dtype}); got {x.dtype}")
     if x.device != params.device:
         raise ValueError(f"x must be on the same device as params, {params.device}; got {x.device}")
-    if validate_args and x.numel() > 0 and not torch.compiler.is_compiling():
+    if validate_args and x.numel() > 0 and x.device.type != "meta" and not torch.compiler.is_compiling():
         low, high = (float(v) for v in torch.aminmax(x.detach()))
         if not (-1.0 <= low and high <= 1.0):
             raise ValueError(f"x must lie in [-1, 1] (pixel value v scaled as 2 v / (2^bits - 1) - 1); "
@@ -327,3 +333,100 @@ def logistic_mixture_log_prob(x: torch.Tensor, logits: torch.Tensor, means: torc
     ``exp(-u) / (s (1 + exp(-u))^2)`` with ``u = (x - mu) / s``.
     """
     return _mixture_log_prob(x, logits, means, log_scales, "logistic")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Rational-quadratic spline (appended: its reference import sits here, beside its only user)
+# ------------------------------------------------------------------------------------------------------
+
+from .reference import spline as _ref_spline  # noqa: E402
+
+
+def _check_spline_args(x, widths, heights, derivatives, parameterization, bound, reduction, min_bin_width,
+                       min_bin_height, min_derivative, slope) -> float:
+    """Validate :func:`rational_quadratic_spline`'s arguments; returns the bound in force."""
+    check_choice("parameterization", parameterization, _ref_spline.PARAMETERIZATIONS)
+    check_choice("reduction", reduction, _ref_spline.REDUCTIONS)
+    check_tensor("x", x, min_dim=1)
+    for name, t in (("widths", widths), ("heights", heights), ("derivatives", derivatives)):
+        check_tensor(name, t)
+    if widths.dim() != x.dim() + 1 or widths.shape[:-1] != x.shape or widths.shape[-1] < 1:
+        raise ValueError(f"widths must have shape [*x.shape, K] = ({', '.join(map(str, x.shape))}, K) with K >= 1 "
+                         f"bins; got {tuple(widths.shape)}")
+    K = widths.shape[-1]
+    if heights.shape != widths.shape:
+        raise ValueError(f"heights must have the same shape as widths, {tuple(widths.shape)} (K = {K} bins); "
+                         f"got {tuple(heights.shape)}")
+    if derivatives.shape != (*x.shape, K - 1):
+        raise ValueError(f"derivatives must have shape [*x.shape, K - 1] = {(*x.shape, K - 1)} (the K - 1 = {K - 1} "
+                         f"interior knots of K = {K} bins); got {tuple(derivatives.shape)}")
+    check_same({"x": x, "widths": widths, "heights": heights, "derivatives": derivatives}, shape=False)
+    bound = _ref_spline.DEFAULT_BOUND[parameterization] if bound is None else bound
+    if not isinstance(bound, (int, float)) or not 0.0 < float(bound) < math.inf:
+        raise ValueError(f"bound must be a positive finite number; got {bound!r}")
+    if parameterization == "nflows":
+        for name, value in (("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)):
+            if not 0.0 <= float(value) or not float(value) * K < 1.0:
+                raise ValueError(f"{name} must be >= 0 with {name} * K < 1 (K = {K} bins); got {value!r}")
+        if not 0.0 <= float(min_derivative) < math.inf:
+            raise ValueError(f"min_derivative must be a finite number >= 0; got {min_derivative!r}")
+    elif not 0.0 < float(slope) < 1.0:
+        raise ValueError(f"slope must lie in (0, 1) for parameterization='zuko'; got {slope!r}")
+    return float(bound)
+
+
+def rational_quadratic_spline(
+    x: torch.Tensor,
+    widths: torch.Tensor,
+    heights: torch.Tensor,
+    derivatives: torch.Tensor,
+    *,
+    inverse: bool = False,
+    bound: float | None = None,
+    parameterization: str = "nflows",
+    min_bin_width: float = _ref_spline.DEFAULT_MIN_BIN_WIDTH,
+    min_bin_height: float = _ref_spline.DEFAULT_MIN_BIN_HEIGHT,
+    min_derivative: float = _ref_spline.DEFAULT_MIN_DERIVATIVE,
+    slope: float = _ref_spline.DEFAULT_SLOPE,
+    reduction: str = "sum",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monotonic rational-quadratic spline on [-bound, bound], identity outside, and its log-det.
+
+    One spline per element of x, from that element's unconstrained parameters (Neural Spline Flows);
+    the math and both parameterisations are in :mod:`fastdensity.reference.spline`. The kernel reads
+    the parameters in place - e.g. three slices ``h[..., :K], h[..., K:2K], h[..., 2K:]`` of a
+    conditioner output ``h`` [B, D, 3K - 1] - normalises them in registers and never stores the knots.
+
+    Args:
+        x: [B, ...] input (the spline's output y with ``inverse=True``).
+        widths, heights: [B, ..., K] unconstrained bin widths and heights (K >= 1).
+        derivatives: [B, ..., K - 1] unconstrained slopes at the interior knots (1 at -bound and bound).
+        inverse: apply the inverse spline instead (the stable quadratic root; never asserts).
+        bound: the interval's half-width; None takes the library default of the parameterisation:
+            1.0 for "nflows" (its ``tail_bound``), 5.0 for "zuko" (its ``bound``).
+        parameterization: "nflows" (equal to nflows' ``unconstrained_rational_quadratic_spline(...,
+            tails="linear")``) or "zuko" (equal to ``zuko.transforms.MonotonicRQSTransform``), each to
+            float64 round-off.
+        min_bin_width, min_bin_height: >= 0, with K times each < 1 ("nflows" only).
+        min_derivative: >= 0, added to the softplus of the derivatives ("nflows" only). A zero minimum
+            (nflows accepts it) lets extreme logits - differences past ~100 in fp32 - give an empty
+            bin or a zero slope, and so an infinite log-det; the defaults keep everything finite.
+        slope: in (0, 1), the smallest slope; the logits are soft-clipped by |log slope| ("zuko" only).
+        reduction: "sum" -> log-det [B], summed over all non-batch dims; "none" -> per element, shaped
+            like x (what per-feature or masked sums need).
+
+    Returns:
+        ``(y, logdet)``: y like x; logdet float32 for half inputs, float64 for float64. Finite, with
+        finite gradients for x and all three parameter tensors, for every finite input, including
+        inputs outside the interval, exactly on a knot or on +-bound.
+    """
+    bound = _check_spline_args(x, widths, heights, derivatives, parameterization, bound, reduction, min_bin_width,
+                               min_bin_height, min_derivative, slope)
+    if backend.use_kernels(x, "spline"):
+        return torch.ops.fastdensity.rational_quadratic_spline(
+            x, widths, heights, derivatives, bool(inverse), parameterization, bound, float(min_bin_width),
+            float(min_bin_height), float(min_derivative), float(slope), reduction == "none")
+    return _ref_spline.rational_quadratic_spline(
+        x, widths, heights, derivatives, inverse=inverse, bound=bound, parameterization=parameterization,
+        min_bin_width=min_bin_width, min_bin_height=min_bin_height, min_derivative=min_derivative, slope=slope,
+        reduction=reduction)

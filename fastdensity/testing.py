@@ -1,6 +1,6 @@
 """Checking a fast path against the reference: the tolerance rule of the GPU tier, made reusable.
 
-The rule (DESIGN.md §6): a kernel's output in dtype ``d`` passes when
+The tolerance rule (docs/design.md, Tests): a kernel's output in dtype ``d`` passes when
 
     max |kernel - ref64|  <=  2 * max |torch_d - ref64|  +  atol_d
 

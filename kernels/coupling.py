@@ -54,8 +54,8 @@ try:  # the dtype-dispatching libdevice module (Triton 3.x); older layouts kept 
 except ImportError:  # pragma: no cover - depends on the installed Triton
     from triton.language.extra.cuda import libdevice
 
-from .utils import (INTERPRETED, acc_dtype, collapse_inner_dims, empty, empty_like, on_device_of, row_tile, tl_dtype,
-                    warps_for)
+from .utils import (FP_FUSION, INTERPRETED, acc_dtype, collapse_inner_dims, empty, empty_like, on_device_of,
+                    refuse_double_backward, row_tile, tl_dtype, warps_for)
 
 __all__ = ["INTERPRETED", "SCALE_CODES", "coupling_forward", "coupling_backward", "affine_coupling_op"]
 
@@ -236,7 +236,8 @@ def _gpu_tiles(dtype_name: str):
     """The tiles the launcher picks for the benchmark shapes [256, 6*32*32] and [65536, 64], which the CPU
     tiers never launch; ``tests/test_sm90_compile.py`` compiles them for sm_90 too."""
     configs = (_launch_config(256, 6 * 32 * 32), _launch_config(65536, 64))
-    return [({"BLOCK_B": bb, "BLOCK_N": bn}, {"num_warps": warps}) for bb, bn, _, warps in configs]
+    return [({"BLOCK_B": bb, "BLOCK_N": bn}, {"num_warps": warps, "enable_fp_fusion": FP_FUSION})
+            for bb, bn, _, warps in configs]
 
 
 SM90_VARIANTS = {"_coupling_fwd_kernel": _gpu_tiles, "_coupling_bwd_kernel": _gpu_tiles}
@@ -265,7 +266,7 @@ def coupling_forward(x, shift, scale_raw, scale: str, inverse: bool, clamp: floa
             B, N, S, *sx, *st, *sh, *so,
             grid[1], float(clamp),
             SCALE=SCALE_CODES[scale], INVERSE=inverse, ACC=tl_dtype(acc), SPLIT_RS=R > 1,
-            BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps,
+            BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps, enable_fp_fusion=FP_FUSION,
         )
     if out_v is not out:  # the output itself needed a contiguous stand-in
         out.copy_(out_v)
@@ -297,7 +298,7 @@ def coupling_backward(grad_out, grad_logdet, inp, shift, scale_raw, scale: str, 
             B, N, S, *sgo, grad_logdet.stride(0), *sx, *st, *sh,
             float(clamp),
             SCALE=SCALE_CODES[scale], INVERSE=inverse, ACC=tl_dtype(acc), SPLIT_RS=R > 1,
-            BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps,
+            BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps, enable_fp_fusion=FP_FUSION,
         )
     return grad_in, grad_h, grad_t
 
@@ -359,3 +360,10 @@ def _backward(ctx, grad_y, grad_logdet):
 
 
 affine_coupling_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(affine_coupling_backward_op, "affine_coupling")
+
+#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
+SM90_OCCUPANCY_FLOOR = {name: (0.25, "memory-bound (~1 flop per byte): 16 warps of 8-32 elements per thread keep "
+                                     "the ~30 KB per SM in flight that 4.8 TB/s at ~0.8 us needs")
+                        for name in ("_coupling_fwd_kernel", "_coupling_bwd_kernel")}

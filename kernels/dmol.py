@@ -58,7 +58,7 @@ Work per (pixel, channel, component), counted from the code below:
 
 Per pixel that is ~32 K special-function ops forward against 10 K e bytes of params read: ~0.8 per byte
 in fp32, ~1.6 per byte in bf16; the backward moves twice the bytes for about the same count. With
-ANCHORS' note that exp/log run at a small fraction of the FMA rate, the bf16 forward in particular may
+the fact that exp/log run at a small fraction of the FMA rate (docs/design.md, Machines), the bf16 forward in particular may
 be bound by the special-function units rather than by memory; the GPU benchmarks will tell.
 
 Parallelism: one program per (image, block of BLOCK pixels of it); each loops over the K components,
@@ -73,7 +73,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRETED, acc_dtype, empty, empty_like, next_pow2, on_device_of, tl_dtype
+from .utils import (FP_FUSION, INTERPRETED, acc_dtype, empty, empty_like, next_pow2, on_device_of,
+                    refuse_double_backward, tl_dtype)
 
 __all__ = ["INTERPRETED", "dmol_forward", "dmol_backward", "dmol_log_prob_op"]
 
@@ -387,8 +388,8 @@ def _block(hw: int) -> tuple[int, int]:
 #: (which takes the first and last entry): the backward with the x gradient (verify asks for params'
 #: only), RGB and one channel, at the largest pixel block.
 SM90_VARIANTS = {"_dmol_bwd_kernel": lambda dtype_name: [
-    ({"GRAD_X": True, "RGB": True, "BLOCK": 128}, {"num_warps": 4}),
-    ({"GRAD_X": True, "RGB": False, "BLOCK": 128}, {"num_warps": 4}),
+    ({"GRAD_X": True, "RGB": True, "BLOCK": 128}, {"num_warps": 4, "enable_fp_fusion": FP_FUSION}),
+    ({"GRAD_X": True, "RGB": False, "BLOCK": 128}, {"num_warps": 4, "enable_fp_fusion": FP_FUSION}),
 ]}
 
 
@@ -415,7 +416,8 @@ def dmol_forward(x: torch.Tensor, params: torch.Tensor, num_bits: int, reduce_su
             x, params, out, lse_joint, lse_logits,
             K, HW, W, n_blocks,
             *x.stride(), *params.stride(), K * params.stride(1),
-            RGB=C == 3, REDUCE=reduce_sum, BLOCK=block, num_warps=warps, **_constants(num_bits, acc),
+            RGB=C == 3, REDUCE=reduce_sum, BLOCK=block, num_warps=warps, enable_fp_fusion=FP_FUSION,
+            **_constants(num_bits, acc),
         )
     if reduce_sum:
         if HW == 0:
@@ -449,7 +451,8 @@ def dmol_backward(grad_out, x, params, lse_joint, lse_logits, num_bits: int, nee
             *x.stride(), *params.stride(), K * params.stride(1),
             *g_strides,
             *grad_params.stride(), K * grad_params.stride(1),
-            RGB=C == 3, GRAD_X=need_grad_x, BLOCK=block, num_warps=warps, **_constants(num_bits, acc),
+            RGB=C == 3, GRAD_X=need_grad_x, BLOCK=block, num_warps=warps, enable_fp_fusion=FP_FUSION,
+            **_constants(num_bits, acc),
         )
     return grad_params, grad_x
 
@@ -513,3 +516,10 @@ def _backward(ctx, grad_out, _grad_lse_joint, _grad_lse_logits):
 
 
 dmol_log_prob_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(dmol_log_prob_backward_op, "dmol_log_prob")
+
+#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
+SM90_OCCUPANCY_FLOOR = {name: (0.25, "memory-bound: each pixel reads its 10K (RGB) parameters once for ~3 "
+                                     "transcendentals each; 16 warps keep ~30 KB per SM in flight, as 4.8 TB/s needs")
+                        for name in ("_dmol_fwd_kernel", "_dmol_bwd_kernel")}

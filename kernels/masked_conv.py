@@ -48,8 +48,9 @@ of x, grad_out or the output must span fewer than 2**31 elements (checked by the
 Precision: operands are loaded in the storage dtype and multiplied by ``tl.dot`` with fp32 accumulation
 (fp64 for fp64). For fp32 operands the choice of TF32 or IEEE follows ``torch.backends.cudnn.allow_tf32``,
 the switch that allows the same for PyTorch's own convolutions (True by default): the kernel takes the
-precision the user granted ``F.conv2d``, and the dispatcher below compares the candidates under the same
-rule. Set it to False for IEEE fp32 products. (The interpreter multiplies in fp32/fp64 regardless.)
+precision the user granted ``F.conv2d``, so that ``fastdensity.masked_conv_impls`` compares it with
+cuDNN under the same rule. Set it to False for IEEE fp32 products. (The interpreter multiplies in
+fp32/fp64 regardless.)
 
 Minimum work (e bytes per element; c is the fraction of the centre's channel pairs that are live,
 (G+1)/(2G) for B and (G-1)/(2G) for A)::
@@ -61,15 +62,13 @@ Minimum work (e bytes per element; c is the fraction of the centre's channel pai
 so with C_in = C_out = C the arithmetic intensity is about C (T + c) / e flops per byte: compute-bound at
 every channel count a PixelCNN uses, and the saving over a dense convolution is the skipped taps.
 
-Dispatch (why there are three implementations here): for small channel counts or small kernels cuDNN on
-the masked dense weight, or a split into two dense convolutions (the vertical/horizontal stack: one
-over the rows above the centre, one over the centre row's left part and the centre), can beat a kernel
-that does less arithmetic less efficiently. On CUDA under the ``auto`` backend, ``impl="auto"`` measures
-the three candidates' forward (+ backward when gradients are needed) once per problem key with CUDA
-events and keeps the winner (``fastdensity.dispatch.CachedAutotuner``, cached in memory and in
-``~/.cache/fastdensity/autotune-masked_conv2d.json``); ``FASTDENSITY_AUTOTUNE=0`` always uses the kernel.
-A forced ``triton`` backend always runs the kernel. Block sizes on CUDA come from a small
-``triton.autotune`` config list per kernel and dtype class; in the interpreter from fixed small tiles.
+This module is the kernel alone, registered as ``torch.ops.fastdensity.masked_conv2d_triton``. For small
+channel counts or small kernels, cuDNN on the masked dense weight or a split into two dense convolutions
+can beat a kernel that does less arithmetic less efficiently; those alternatives, and the measured
+choice among the three that the ``auto`` backend makes on CUDA, live in the package layer
+(``fastdensity.masked_conv_impls``, op ``torch.ops.fastdensity.masked_conv2d``). Block sizes on CUDA
+come from a small ``triton.autotune`` config list per kernel and dtype class; in the interpreter from
+fixed small tiles.
 """
 from __future__ import annotations
 
@@ -77,30 +76,20 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastdensity import dispatch
-
 from .utils import INTERPRETED, acc_dtype, empty, on_device_of, tl_dtype
 
-__all__ = ["INTERPRETED", "IMPLS", "TUNER", "Geometry", "geometry", "centre_mask", "live_mask", "triton_forward",
-           "triton_backward", "dense_forward", "dense_backward", "split_forward", "split_backward", "tuning_key",
-           "choose_impl", "masked_conv2d_op", "masked_conv2d_backward_op"]
-
-#: The implementations ``impl`` may name; "auto" chooses among them (on CUDA) with :data:`TUNER`.
-IMPLS = ("triton", "dense", "split")
-DEFAULT_IMPL = "triton"
-
-#: Measures the candidates once per problem key and remembers the fastest (see fastdensity.dispatch).
-TUNER = dispatch.CachedAutotuner("masked_conv2d", default=DEFAULT_IMPL)
+__all__ = ["INTERPRETED", "Geometry", "geometry", "centre_mask", "live_mask", "is_channels_last", "alloc_nchw",
+           "dot_precision", "triton_forward", "triton_backward", "fake_gradients", "bias_gradient",
+           "masked_conv2d_triton_op", "masked_conv2d_triton_backward_op"]
 
 _INT32_MAX = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------------
-# Geometry: everything the three implementations need to know about one call, computed on the host.
+# Geometry: everything an implementation needs to know about one call, computed on the host.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -165,21 +154,32 @@ def centre_mask(g: Geometry, device) -> torch.Tensor:
     return torch.arange(g.C_in, device=device)[None, :] < limit[:, None]
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    # Where both layouts describe the same strides (C == 1, or H == W == 1) it counts as contiguous.
+def live_mask(g: Geometry, device) -> torch.Tensor:
+    """[C_out, C_in, KH, KW] bool: the PixelCNN mask as this module derives it (raster prefix + centre)."""
+    keep = torch.zeros(g.C_out, g.C_in, g.KH * g.KW, dtype=torch.bool, device=device)
+    keep[:, :, :g.n_full] = True
+    if g.centre:
+        keep[:, :, g.n_full] = centre_mask(g, device)
+    return keep.view(g.C_out, g.C_in, g.KH, g.KW)
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Is ``t`` channels_last and not also contiguous? Where both layouts describe the same strides
+    (C == 1, or H == W == 1) it counts as contiguous, so outputs come back NCHW."""
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _alloc_nchw(shape, like: torch.Tensor, alloc) -> torch.Tensor:
-    """A dense [N, C, H, W] tensor in ``like``'s memory format (channels_last or contiguous)."""
-    n, c, h, w = shape
-    if _is_channels_last(like):
-        return alloc((n, h, w, c), dtype=like.dtype, device=like.device).permute(0, 3, 1, 2)
-    return alloc((n, c, h, w), dtype=like.dtype, device=like.device)
 
 
 def _torch_empty(shape, *, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def alloc_nchw(shape, like: torch.Tensor, alloc=_torch_empty) -> torch.Tensor:
+    """A dense [N, C, H, W] tensor in ``like``'s memory format (channels_last or contiguous), from
+    ``alloc(shape, dtype=, device=)``: ``torch.empty`` by default, the poisoning ``empty`` for outputs."""
+    n, c, h, w = shape
+    if is_channels_last(like):
+        return alloc((n, h, w, c), dtype=like.dtype, device=like.device).permute(0, 3, 1, 2)
+    return alloc((n, c, h, w), dtype=like.dtype, device=like.device)
 
 
 def _pack_weight(weight: torch.Tensor, g: Geometry) -> torch.Tensor:
@@ -324,7 +324,7 @@ def _bwd_input_kernel(
     Input pixel (iy, ix) received tap t from output pixel ((iy + ph - ky dh) / sh, (ix + pw - kx dw) / sw)
     when both divisions are exact and land inside the output. With stride > 1 most (pixel, tap) pairs
     fail that test and are masked: correct, though not work-efficient (masked convs are nearly always
-    stride 1, and the dispatcher can pick cuDNN where this matters).
+    stride 1, and under the ``auto`` backend cuDNN is measured against this).
     """
     pix_ok, nb, iy, ix, ci0, ci, ci_ok = _pixel_tile(C_in, P_in, H, W, BLOCK_M, BLOCK_N)
     g_rows = go_ptr + nb * s_gn
@@ -418,7 +418,7 @@ def _bwd_weight_kernel(
 
 # ---------------------------------------------------------------------------------------------------
 # Launch configuration: triton.autotune over a short list on CUDA, fixed small tiles in the interpreter
-# (which cannot benchmark configs). The CUDA lists are starting points awaiting tuning on the H100.
+# (which cannot benchmark configs).
 # ---------------------------------------------------------------------------------------------------
 
 _GEMM_KEYS = ["C_in", "C_out", "n_live", "KW"]
@@ -449,7 +449,7 @@ GRAD_WEIGHT_SPLIT: Optional[int] = None
 #: channels contiguous the tile loads vectorise and Triton pipelines them: compiled for sm_90, all three
 #: kernels get 3-stage cp.async pipelines on channels_last bf16 operands and at most one operand
 #: pipelined on NCHW ones. The copy costs one read and write of the tensor, small beside the GEMM at
-#: PixelCNN channel counts, and the dispatcher's measurement includes it. Outputs keep the caller's
+#: PixelCNN channel counts, and the ``auto`` backend's measurement includes it. Outputs keep the caller's
 #: layout (written through their strides). None: on when compiled for a GPU, off in the interpreter.
 STAGE_CHANNELS_LAST: Optional[bool] = None
 
@@ -478,7 +478,7 @@ def _staged(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     """fp32 products in TF32 exactly when PyTorch's convolutions would use it (see the docstring)."""
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
@@ -500,7 +500,7 @@ def _common_args(g: Geometry):
 
 def triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], g: Geometry) -> torch.Tensor:
     """The forward kernel: [N, C_out, H_out, W_out] in x's dtype and memory format."""
-    out = _alloc_nchw((g.N, g.C_out, g.H_out, g.W_out), x, empty)
+    out = alloc_nchw((g.N, g.C_out, g.H_out, g.W_out), x, empty)
     if out.numel() == 0:
         return out
     if g.n_live == 0:  # 1x1 type A with one colour group: nothing is live, the output is the bias
@@ -518,7 +518,7 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         xs, pack, b, out,
         g.C_in, g.H, g.W, g.C_out, g.H_out, g.W_out, P,
         *xs.stride(), *out.stride(), *_common_args(g),
-        HAS_BIAS=bias is not None, ACC=tl_dtype(acc_dtype(x.dtype)), PRECISION=_dot_precision(x.dtype), **extra,
+        HAS_BIAS=bias is not None, ACC=tl_dtype(acc_dtype(x.dtype)), PRECISION=dot_precision(x.dtype), **extra,
     )
     return out
 
@@ -541,10 +541,10 @@ def triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     grad_x = grad_w = None
     grad_out = _staged(grad_out)
     acc = acc_dtype(x.dtype)
-    precision = _dot_precision(x.dtype)
+    precision = dot_precision(x.dtype)
     P = g.N * g.H_out * g.W_out
     if need_x:
-        grad_x = _alloc_nchw(x.shape, x, empty)
+        grad_x = alloc_nchw(x.shape, x, empty)
         if g.n_live == 0:
             grad_x.zero_()
         elif grad_x.numel():
@@ -591,230 +591,64 @@ def triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------------
-# The two PyTorch candidates the dispatcher weighs against the kernel. Pure PyTorch: on a GPU they run
-# cuDNN, on a CPU oneDNN; the tests check them against the reference on CPU.
-# ---------------------------------------------------------------------------------------------------
-
-
-def live_mask(g: Geometry, device) -> torch.Tensor:
-    """[C_out, C_in, KH, KW] bool: the PixelCNN mask as this module derives it (raster prefix + centre)."""
-    keep = torch.zeros(g.C_out, g.C_in, g.KH * g.KW, dtype=torch.bool, device=device)
-    keep[:, :, :g.n_full] = True
-    if g.centre:
-        keep[:, :, g.n_full] = centre_mask(g, device)
-    return keep.view(g.C_out, g.C_in, g.KH, g.KW)
-
-
-def _masked_dense_weight(weight: torch.Tensor, g: Geometry) -> torch.Tensor:
-    """``weight`` with every dead entry an exact 0 (``where``, so a NaN/inf there does not leak in)."""
-    return torch.where(live_mask(g, weight.device), weight, 0)
-
-
-def _in_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    fmt = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
-    return t.contiguous(memory_format=fmt)
-
-
-def dense_forward(x, weight, bias, g: Geometry) -> torch.Tensor:
-    """cuDNN (or the CPU's dense conv) on the masked dense weight: every tap is multiplied, dead ones by 0."""
-    out = F.conv2d(x, _masked_dense_weight(weight, g), bias, g.stride, g.padding, g.dilation)
-    return _in_format(out, x)
-
-
-def dense_backward(grad_out, x, weight, g: Geometry, need_x: bool, need_w: bool):
-    """cuDNN's data and weight gradients of :func:`dense_forward`; the dead weights' entries are set to 0."""
-    wm = _masked_dense_weight(weight, g)
-    grad_x = grad_w = None
-    if need_x:
-        grad_x = _in_format(torch.nn.grad.conv2d_input(x.shape, wm, grad_out, g.stride, g.padding, g.dilation), x)
-    if need_w:
-        gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, g.stride, g.padding, g.dilation)
-        grad_w = torch.where(live_mask(g, weight.device), gw, 0).contiguous()
-    return grad_x, grad_w
-
-
-def _split_pieces(weight: torch.Tensor, g: Geometry):
-    """The dense convolutions whose sum is the masked one: ``(rows, cols, weight piece, ky, kx)`` each.
-
-    Every piece reads the window ``xp[:, :, rows, cols]`` of x zero-padded by (ph, pw) on every side,
-    cut so that a padding-free convolution with the op's stride and dilation gives exactly
-    [H_out, W_out]; ``ky``/``kx`` say where the piece sits in the full kernel.
-
-    * vertical: the rows above the centre, a (cy x KW) kernel;
-    * horizontal: the centre row up to and including the centre (excluding it when the centre is dead),
-      a (1 x cx+1) kernel whose last column - the centre - has its forbidden channel pairs zeroed.
-    """
-    (sh, sw), (dh, dw) = g.stride, g.dilation
-    cy, cx = g.cy, g.cx
-    pieces = []
-    if cy > 0:
-        rows = slice(0, (g.H_out - 1) * sh + (cy - 1) * dh + 1)
-        pieces.append((rows, slice(None), weight[:, :, :cy, :], slice(0, cy), slice(0, g.KW)))
-    ncols = cx + 1 if g.centre else cx
-    if ncols > 0:
-        w_row = weight[:, :, cy:cy + 1, :ncols]
-        if g.centre and g.grouped_centre:
-            w_row = w_row.clone()
-            w_row[:, :, 0, cx] = torch.where(centre_mask(g, weight.device), w_row[:, :, 0, cx], 0)
-        rows = slice(cy * dh, cy * dh + (g.H_out - 1) * sh + 1)
-        cols = slice(0, (g.W_out - 1) * sw + (ncols - 1) * dw + 1)
-        pieces.append((rows, cols, w_row, slice(cy, cy + 1), slice(0, ncols)))
-    return pieces
-
-
-def _padded(x: torch.Tensor, g: Geometry) -> torch.Tensor:
-    ph, pw = g.padding
-    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-
-
-def split_forward(x, weight, bias, g: Geometry) -> torch.Tensor:
-    """The vertical/horizontal-stack split: (up to) two dense convolutions over the live rows, summed."""
-    xp = _padded(x, g)
-    out = None
-    for i, (rows, cols, w_piece, _, _) in enumerate(_split_pieces(weight, g)):
-        y = F.conv2d(xp[:, :, rows, cols], w_piece, bias if i == 0 else None, g.stride, 0, g.dilation)
-        out = y if out is None else out.add_(y)
-    if out is None:  # 1x1 type A with one colour group: nothing is live, the output is the bias
-        out = x.new_zeros((g.N, g.C_out, g.H_out, g.W_out))
-        if bias is not None:
-            out += bias[:, None, None]
-    return _in_format(out, x)
-
-
-def split_backward(grad_out, x, weight, g: Geometry, need_x: bool, need_w: bool):
-    """Gradients of :func:`split_forward`: each piece's data gradient added into its window of the padded
-    input, each piece's weight gradient written into its place in a zero [C_out, C_in, KH, KW]."""
-    xp = _padded(x, g)
-    grad_xp = torch.zeros_like(xp) if need_x else None
-    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
-    for rows, cols, w_piece, ky, kx in _split_pieces(weight, g):
-        view = xp[:, :, rows, cols]
-        if need_x:
-            grad_xp[:, :, rows, cols] += torch.nn.grad.conv2d_input(view.shape, w_piece, grad_out, g.stride, 0,
-                                                                    g.dilation)
-        if need_w:
-            grad_w[:, :, ky, kx] = torch.nn.grad.conv2d_weight(view, w_piece.shape, grad_out, g.stride, 0,
-                                                               g.dilation)
-    if need_w and g.centre and g.grouped_centre:
-        grad_w[:, :, g.cy, g.cx] = torch.where(centre_mask(g, weight.device), grad_w[:, :, g.cy, g.cx], 0)
-    grad_x = None
-    if need_x:
-        ph, pw = g.padding
-        grad_x = _in_format(grad_xp[:, :, ph:ph + g.H, pw:pw + g.W], x)
-    return grad_x, grad_w
-
-
-_FORWARD = {"triton": triton_forward, "dense": dense_forward, "split": split_forward}
-_BACKWARD = {"triton": triton_backward, "dense": dense_backward, "split": split_backward}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Dispatch: which implementation "auto" runs, measured once per problem key (fastdensity.dispatch).
-# ---------------------------------------------------------------------------------------------------
-
-
-def tuning_key(x: torch.Tensor, weight: torch.Tensor, g: Geometry, training: bool) -> dict:
-    """Everything that can change the ranking of the candidates (the bias does not, measurably)."""
-    layout = "channels_last" if _is_channels_last(x) else ("contiguous" if x.is_contiguous() else "strided")
-    return {
-        "x": list(x.shape), "weight": list(weight.shape), "stride": list(g.stride), "padding": list(g.padding),
-        "dilation": list(g.dilation), "live": [g.n_full, g.centre, g.cin_g, g.cout_g, g.shift],
-        "dtype": str(x.dtype).replace("torch.", ""), "layout": layout, "training": bool(training),
-        "tf32": _dot_precision(x.dtype) == "tf32",
-        "device": torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else x.device.type,
-    }
-
-
-def choose_impl(x, weight, bias, g: Geometry, training: bool,
-                tuner: Optional[dispatch.CachedAutotuner] = None) -> str:
-    """The implementation "auto" runs for this call: cached, or measured now (forward, plus backward
-    when ``training``) and cached. ``tuner`` defaults to :data:`TUNER`; tests pass one with a fake timer."""
-    tuner = TUNER if tuner is None else tuner
-    if not dispatch.autotune_enabled():
-        return tuner.default
-    key = tuning_key(x, weight, g, training)
-    cached = tuner.lookup(key)
-    if cached in IMPLS:
-        return cached
-    # One upstream gradient for every candidate, drawn from a private generator: measuring must not
-    # move the user's random stream.
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(0)
-    grad_out = torch.randn((g.N, g.C_out, g.H_out, g.W_out), generator=gen, dtype=x.dtype, device=x.device)
-    grad_out = _in_format(grad_out, x)
-
-    def candidate(impl):
-        forward, backward = _FORWARD[impl], _BACKWARD[impl]
-
-        def run():
-            forward(x, weight, bias, g)
-            if training:
-                backward(grad_out, x, weight, g, True, True)
-        return run
-
-    return tuner.choose(key, {impl: candidate(impl) for impl in IMPLS})
-
-
-def _resolve(impl: str, x, weight, bias, g: Geometry, training: bool) -> str:
-    if impl in IMPLS:
-        return impl
-    if impl != "auto":
-        raise ValueError(f"impl must be 'auto' or one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
-    if x.device.type != "cuda":  # CUDA events time nothing elsewhere; off the GPU "auto" is the kernel
-        return DEFAULT_IMPL
-    return choose_impl(x, weight, bias, g, training)
-
-
-# ---------------------------------------------------------------------------------------------------
 # torch.library registration: custom_op + register_fake + register_autograd (as in kernels/coupling.py),
-# so torch.compile(fullgraph=True) sees two opaque ops with known output shapes and layouts. The
-# choice among the implementations happens inside them, at run time, invisible to the compiler.
+# so torch.compile(fullgraph=True) sees two opaque ops with known output shapes and layouts. The first
+# two helpers serve the package layer's choosing op (fastdensity.masked_conv_impls) as well.
 # ---------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastdensity::masked_conv2d", mutates_args=())
-def masked_conv2d_op(
+def fake_gradients(x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_w: bool):
+    """What a backward op returns, as empty tensors: grad_x in x's memory format and grad_weight, each
+    replaced by a 0-element tensor when not requested."""
+    grad_x = alloc_nchw(x.shape, x) if need_x else x.new_empty(0)
+    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else weight.new_empty(0)
+    return grad_x, grad_w
+
+
+def bias_gradient(grad_out: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
+    """grad_out summed over (N, H_out, W_out), accumulated in fp32 (fp64 for fp64), in the bias' dtype."""
+    return grad_out.sum(dim=(0, 2, 3), dtype=acc_dtype(grad_out.dtype)).to(bias_dtype)
+
+
+@torch.library.custom_op("fastdensity::masked_conv2d_triton", mutates_args=())
+def masked_conv2d_triton_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask_type: str, color_groups: int,
-    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], impl: str, training: bool,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
 ) -> torch.Tensor:
     g = geometry(x, weight, mask_type, color_groups, stride, padding, dilation)
     with on_device_of(x):
-        return _FORWARD[_resolve(impl, x, weight, bias, g, training)](x, weight, bias, g)
+        return triton_forward(x, weight, bias, g)
 
 
-@masked_conv2d_op.register_fake
-def _(x, weight, bias, mask_type, color_groups, stride, padding, dilation, impl, training):
+@masked_conv2d_triton_op.register_fake
+def _(x, weight, bias, mask_type, color_groups, stride, padding, dilation):
     g = geometry(x, weight, mask_type, color_groups, stride, padding, dilation)
-    return _alloc_nchw((g.N, g.C_out, g.H_out, g.W_out), x, _torch_empty)
+    return alloc_nchw((g.N, g.C_out, g.H_out, g.W_out), x)
 
 
-@torch.library.custom_op("fastdensity::masked_conv2d_backward", mutates_args=())
-def masked_conv2d_backward_op(
+@torch.library.custom_op("fastdensity::masked_conv2d_triton_backward", mutates_args=())
+def masked_conv2d_triton_backward_op(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask_type: str, color_groups: int,
-    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], impl: str, need_x: bool, need_w: bool,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], need_x: bool, need_w: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     g = geometry(x, weight, mask_type, color_groups, stride, padding, dilation)
-    # "auto" finds the choice the forward made (same key, training=True) in the tuner's cache.
     with on_device_of(x):
-        impl = _resolve(impl, x, weight, None, g, True)
-        grad_x, grad_w = _BACKWARD[impl](grad_out, x, weight, g, need_x, need_w)
+        grad_x, grad_w = triton_backward(grad_out, x, weight, g, need_x, need_w)
     # A custom op cannot return None: an empty tensor stands for "not requested".
     return (grad_x if grad_x is not None else x.new_empty(0),
             grad_w if grad_w is not None else weight.new_empty(0))
 
 
-@masked_conv2d_backward_op.register_fake
-def _(grad_out, x, weight, mask_type, color_groups, stride, padding, dilation, impl, need_x, need_w):
-    grad_x = _alloc_nchw(x.shape, x, _torch_empty) if need_x else x.new_empty(0)
-    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else weight.new_empty(0)
-    return grad_x, grad_w
+@masked_conv2d_triton_backward_op.register_fake
+def _(grad_out, x, weight, mask_type, color_groups, stride, padding, dilation, need_x, need_w):
+    return fake_gradients(x, weight, need_x, need_w)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, mask_type, color_groups, stride, padding, dilation, impl, training = inputs
+    x, weight, bias, mask_type, color_groups, stride, padding, dilation = inputs
     # The inputs are all the backward needs (the packed weight is rebuilt): nothing new is held.
     ctx.save_for_backward(x, weight)
-    ctx.args = (mask_type, color_groups, stride, padding, dilation, impl)
+    ctx.args = (mask_type, color_groups, stride, padding, dilation)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -823,15 +657,15 @@ def _backward(ctx, grad_out):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     grad_x = grad_w = grad_b = None
     if need_x or need_w:
-        grad_x, grad_w = masked_conv2d_backward_op(grad_out, x, weight, *ctx.args, need_x, need_w)
+        grad_x, grad_w = masked_conv2d_triton_backward_op(grad_out, x, weight, *ctx.args, need_x, need_w)
         grad_x = grad_x if need_x else None
         grad_w = grad_w if need_w else None
     if need_b:
-        grad_b = grad_out.sum(dim=(0, 2, 3), dtype=acc_dtype(grad_out.dtype)).to(ctx.bias_dtype)
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        grad_b = bias_gradient(grad_out, ctx.bias_dtype)
+    return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+masked_conv2d_triton_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _sm90_variants(kind: str):
@@ -847,3 +681,9 @@ def _sm90_variants(kind: str):
 
 #: kernel name -> (data dtype name -> [(constexpr overrides, launch options)]): GPU-only tile configs.
 SM90_VARIANTS = {_KERNELS[kind][0].__name__: _sm90_variants(kind) for kind in _KERNELS}
+
+#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
+SM90_OCCUPANCY_FLOOR = {name: (0.125, "tensor-core GEMM tiles: the num_stages-deep load pipeline and the MMAs' "
+                                      "own parallelism hide latency, so one 8-warp or two 4-warp blocks per SM suffice")
+                        for name in ("_fwd_kernel", "_bwd_input_kernel", "_bwd_weight_kernel")}

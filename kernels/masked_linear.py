@@ -18,8 +18,11 @@ the mask are entirely zero for its hidden layers. The host summarises the mask o
 and orders, for every output tile j, its live input tiles "FULL first, then PARTIAL" (``order[j, :]``,
 with ``count[j] = (#full, #live)``); the transposed table serves grad_x. These tables are built with a
 handful of device ops (no host synchronisation) and cached per mask tensor (by identity, data pointer
-and version counter, so an in-place edit of the mask rebuilds them; writes the version counter cannot
-see - through ``.data`` or a Triton kernel - are not noticed). The kernels then:
+and version counter, so an in-place edit of the mask rebuilds them). Writes the version counter cannot
+see - into the NumPy array behind ``torch.from_numpy``, through ``.data``, a DLPack alias or a Triton
+kernel - are caught on CPU, where the cache also compares the mask's contents with a copy (cheap next
+to an interpreted kernel), but not on CUDA, where that comparison would cost a host synchronisation
+per call: there, change a mask only through PyTorch ops on the tensor itself. The kernels then:
 
     forward  C[M, N] = x[M, K] @ Wm^T   program (m-tile, n-tile) loops over the live K-tiles of n-tile
     grad_x   C[M, K] = g[M, N] @ Wm     program (m-tile, k-tile) loops over the live N-tiles of k-tile
@@ -37,7 +40,9 @@ fp32 operands: ``tl.dot`` on fp32 defaults to TF32 on NVIDIA GPUs (10-bit mantis
 ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default, what F.linear does on fp32),
 ``"tf32"`` when the user has chosen "high" or "medium". bf16/fp16 use the tensor cores with fp32
 accumulation; fp64 uses an exact outer-product sum over 16-wide tiles instead of ``tl.dot`` (fp64 dot
-lowers only on some Triton versions and GPUs; fp64 is for verification, not speed).
+lowers only on some Triton versions and GPUs; fp64 is for verification, not speed). Under Triton's
+interpreter, 16-bit tiles are widened to fp32 before ``tl.dot``: the interpreter hands bf16 tiles to
+NumPy as their raw uint16 bit patterns and would multiply those (results ~1e10; a Triton limitation).
 
 Minimum work, f = fraction of live tiles (about 0.5 + 1/(2 * tiles per side) for a MADE hidden layer),
 e = bytes per element:
@@ -60,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRETED, acc_dtype, empty, next_pow2, on_device_of, tl_dtype
+from .utils import FP_FUSION, INTERPRETED, acc_dtype, empty, next_pow2, on_device_of, refuse_double_backward, tl_dtype
 
 __all__ = [
     "INTERPRETED", "FULL", "PARTIAL", "DEAD", "LaunchConfig", "MaskTiles", "launch_config", "mask_tiles",
@@ -70,6 +75,8 @@ __all__ = [
 # Tile kinds, in the order a tile list visits them (the values are the sort key).
 FULL, PARTIAL, DEAD = 0, 1, 2
 _DEAD = tl.constexpr(DEAD)
+# The interpreter's tl.dot multiplies bf16 bit patterns as integers: widen its operands first there.
+_WIDEN_DOT_OPERANDS = tl.constexpr(INTERPRETED)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,6 +88,9 @@ _DEAD = tl.constexpr(DEAD)
 def _mma(acc, a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + a @ b`` for tiles a [BM, BR] and b [BR, BP], accumulating in acc's dtype."""
     if USE_DOT:
+        if _WIDEN_DOT_OPERANDS:  # exact for 16-bit floats; a no-op for fp32
+            a = a.to(acc.dtype)
+            b = b.to(acc.dtype)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     else:
         # fp64: every product and sum in fp64 over a small 3-D tile (the launcher keeps tiles at 16).
@@ -293,9 +303,18 @@ def _build_tiles(mask: torch.Tensor, tile_n: int, tile_k: int) -> MaskTiles:
     return MaskTiles(tile_n, tile_k, kind, fwd_order, fwd_count, bwd_order, bwd_count)
 
 
-# (id(mask), tile_n, tile_k) -> (weakref to mask, data_ptr, shape, stride, version, MaskTiles). The
-# weakref both proves identity (ids are reused after death) and drops the entry when the mask dies.
+# (id(mask), tile_n, tile_k) -> (weakref to mask, (data_ptr, shape, stride, version), MaskTiles,
+# snapshot). The weakref both proves identity (ids are reused after death) and drops the entry when the
+# mask dies; the snapshot (CPU masks only) is a copy of which entries were non-zero.
 _TILE_CACHE: dict = {}
+
+
+def _snapshot(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """What a CPU mask's cache entry compares on every hit: a copy of ``mask != 0``. A CPU tensor may share
+    memory that PyTorch does not watch (``torch.from_numpy(arr)``: editing ``arr`` bumps no version
+    counter), and on CPU the comparison costs nothing next to the interpreted kernel. None on CUDA, where
+    it would synchronise the host with the device on every call."""
+    return (mask != 0) if mask.device.type == "cpu" else None
 
 
 def mask_tiles(mask: torch.Tensor, tile_n: int, tile_k: int) -> MaskTiles:
@@ -303,16 +322,20 @@ def mask_tiles(mask: torch.Tensor, tile_n: int, tile_k: int) -> MaskTiles:
 
     A hit needs the same tensor object, storage, shape, strides and version counter: any in-place op
     on the mask (``mask[i] = 0``, ``copy_``, ``load_state_dict``) bumps the version and rebuilds them.
+    A CPU mask must also still hold the same pattern (see :func:`_snapshot`), so writes that bypass the
+    version counter rebuild them too.
     """
     if mask.is_inference():  # inference tensors carry no version counter: rebuild every time
         return _build_tiles(mask, tile_n, tile_k)
     key = (id(mask), tile_n, tile_k)
     stamp = (mask.data_ptr(), tuple(mask.shape), mask.stride(), mask._version)
     hit = _TILE_CACHE.get(key)
-    if hit is not None and hit[0]() is mask and hit[1] == stamp:
+    if (hit is not None and hit[0]() is mask and hit[1] == stamp
+            and (hit[3] is None or torch.equal(hit[3], mask != 0))):
         return hit[2]
     tiles = _build_tiles(mask, tile_n, tile_k)
-    _TILE_CACHE[key] = (weakref.ref(mask, lambda _ref, key=key: _TILE_CACHE.pop(key, None)), stamp, tiles)
+    _TILE_CACHE[key] = (weakref.ref(mask, lambda _ref, key=key: _TILE_CACHE.pop(key, None)), stamp, tiles,
+                        _snapshot(mask))
     return tiles
 
 
@@ -333,7 +356,7 @@ def _matmul_launch(a, b_strides, weight, mask, mask_strides, bias, out, order, c
         out.stride(0), out.stride(1), order.stride(0),
         HAS_BIAS=bias is not None, USE_DOT=cfg.use_dot, PRECISION=prec, ACC=tl_dtype(acc_dtype(a.dtype)),
         BLOCK_M=cfg.block_m, BLOCK_P=block_p, BLOCK_R=block_r, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -390,7 +413,7 @@ def masked_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.
                 grad_w.stride(0), grad_w.stride(1), n_k_tiles,
                 USE_DOT=cfg.use_dot, PRECISION=prec, ACC=tl_dtype(acc_dtype(x.dtype)),
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.tile_n, BLOCK_K=cfg.tile_k,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
             )
     return grad_x, grad_w
 
@@ -449,6 +472,7 @@ def _backward(ctx, grad_y):
 
 
 masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(masked_linear_backward_op, "masked_linear")
 
 
 def _sm90_variants(dtype_name: str, grad_weight: bool):
@@ -458,7 +482,7 @@ def _sm90_variants(dtype_name: str, grad_weight: bool):
     out = []
     for M, N, K in ((8192, 2048, 2048), (512, 64, 32)):
         cfg = launch_config(M, N, K, dtype)
-        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": FP_FUSION}
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for p in precisions:
             if grad_weight:
@@ -476,3 +500,9 @@ SM90_VARIANTS = {
     _masked_matmul_kernel.__name__: lambda dtype_name: _sm90_variants(dtype_name, grad_weight=False),
     _masked_grad_weight_kernel.__name__: lambda dtype_name: _sm90_variants(dtype_name, grad_weight=True),
 }
+
+#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
+SM90_OCCUPANCY_FLOOR = {name: (0.125, "tensor-core GEMM tiles: the num_stages-deep load pipeline and the MMAs' "
+                                      "own parallelism hide latency, so one 8-warp or two 4-warp blocks per SM suffice")
+                        for name in ("_masked_matmul_kernel", "_masked_grad_weight_kernel")}

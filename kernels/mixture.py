@@ -4,7 +4,8 @@ forward, one backward, and no [B, K, D] intermediate ever stored.
 The math (reference: ``fastdensity/reference/mixture.py``), for one sample x [D]::
 
     log p(x) = logsumexp_k (log pi_k + C_k),   log pi = logits - logsumexp(logits)
-    C_k      = sum_d f(u_kd) - l_kd,           u_kd = (x_d - mu_kd) exp(-l_kd)
+    C_k      = sum_d f(u_kd) - l_kd,           u_kd = (x_d - mu_kd) exp(-l_kd)   (exp(-l) as two factors
+                                                                            where it would overflow)
 
     f(u)  gaussian  -u^2/2 - log(2 pi)/2      f'(u) = -u
           logistic  -|u| - 2 log(1 + e^-|u|)  f'(u) = -tanh(u/2)
@@ -41,8 +42,8 @@ dims are copied to one (said so in ``_batch_view``). Gradients:
 Parameters shared by all rows with a large K D go to ``kernels/mixture_shared.py`` instead, whose
 backward reduces over rows without per-program [K, D] partials (see ``SHARED_MIN_KD``).
 
-Features: D <= MAX_BLOCK_D keeps a row's features in registers for the whole component loop; longer
-rows loop over feature chunks (the forward sums C_k chunk by chunk; the backward first writes w [B, K]
+Features: D <= MAX_BLOCK_D (half that in fp64) keeps a row's features in registers for the whole
+component loop; longer rows loop over feature chunks (the forward sums C_k chunk by chunk; the backward first writes w [B, K]
 to a scratch buffer, then walks the chunks).
 
 Minimum traffic, B rows, e = bytes per element, per-sample parameters (shared ones add ~nothing):
@@ -62,30 +63,34 @@ import triton
 import triton.language as tl
 
 from .logsumexp import LOG2E, lse_update, lse_value
-from .mixture_shared import KIND_CODES, shared_backward, shared_forward, std_log_density
-from .utils import INTERPRETED, acc_dtype, collapse_inner_dims, empty, next_pow2, on_device_of, tl_dtype
+from .mixture_shared import (KIND_CODES, inverse_scale, shared_backward, shared_forward, std_log_density,
+                             times_inverse_scale)
+from .utils import (FP_FUSION, INTERPRETED, acc_dtype, collapse_inner_dims, empty, next_pow2, on_device_of,
+                    refuse_double_backward, tl_dtype)
 
 __all__ = ["INTERPRETED", "KIND_CODES", "mixture_forward", "mixture_backward", "mixture_log_prob_op"]
 
 #: Launcher limits (provisional until measured on the H100; tests lower them to reach every path).
-MAX_BLOCK_D = 1024    # longer rows loop over feature chunks
+MAX_BLOCK_D = 1024    # longer rows loop over feature chunks (fp64: half of each, see _blocks)
 TILE_ELEMS = 2048     # rows per program = TILE_ELEMS / BLOCK_D
 SHARED_MIN_KD = 512   # fully shared parameters with K * D at least this use kernels/mixture_shared.py
 
 
 @triton.jit
 def _standardised(x, mu_ptrs, ls_ptrs, mask, ACC: tl.constexpr):
-    """``(u, l, exp(-l))`` for a [rows, features] tile of one component: u = (x - mu) exp(-l)."""
+    """``(u, l, e, big)`` for a [rows, features] tile of one component: u = (x - mu) exp(-l), with exp(-l)
+    given by ``(e, big)`` (:func:`inverse_scale`) so that it stays finite where exp(-l) overflows; the
+    plain product, bit for bit, everywhere else."""
     mu = tl.load(mu_ptrs, mask=mask, other=0.0).to(ACC)
     ls = tl.load(ls_ptrs, mask=mask, other=0.0).to(ACC)
-    inv_s = tl.exp(-ls)
-    return (x - mu) * inv_s, ls, inv_s
+    e, big = inverse_scale(ls, ACC)
+    return times_inverse_scale(x - mu, e, big, ACC), ls, e, big
 
 
 @triton.jit
 def _component_sum(x, mu_ptrs, ls_ptrs, mask, KIND: tl.constexpr, ACC: tl.constexpr):
     """sum over the tile's features of f(u) - l: [rows] partial C_k."""
-    u, ls, _ = _standardised(x, mu_ptrs, ls_ptrs, mask, ACC)
+    u, ls, _, _ = _standardised(x, mu_ptrs, ls_ptrs, mask, ACC)
     f, _ = std_log_density(u, KIND)
     return tl.sum(tl.where(mask, f - ls, 0.0), axis=1)
 
@@ -176,12 +181,16 @@ def _logit_grad_store(ptr, ga, rmask, SHARED: tl.constexpr):
 
 
 @triton.jit
-def _feature_grads(w, u, df, inv_s, gm_p, gl_p, cols, mask, dmask, SHARED_M: tl.constexpr, SHARED_L: tl.constexpr):
-    """Component k on a [rows, features] tile (u, f'(u), exp(-l)), weights w [rows]: stores the gradients of
-    its means and log-scales and returns the tile's x gradient, w f'(u) exp(-l)."""
-    dx = w[:, None] * df * inv_s
+def _feature_grads(w, u, df, e, big, gm_p, gl_p, cols, mask, dmask, SHARED_M: tl.constexpr,
+                   SHARED_L: tl.constexpr, ACC: tl.constexpr):
+    """Component k on a [rows, features] tile (u, f'(u), exp(-l) as (e, big)), weights w [rows]: stores the
+    gradients of its means and log-scales and returns the tile's x gradient, w f'(u) exp(-l)."""
+    # A component that weighs nothing in a row (w = 0: its density there underflowed, as where |u| overflows
+    # to inf) contributes exactly 0 to that row's gradients, not the NaN of 0 * inf (the reference agrees).
+    live = w[:, None] != 0
+    dx = tl.where(live, times_inverse_scale(w[:, None] * df, e, big, ACC), 0.0)
     _param_grad_store(gm_p, cols, -dx, mask, dmask, SHARED_M)
-    _param_grad_store(gl_p, cols, w[:, None] * (-u * df - 1.0), mask, dmask, SHARED_L)
+    _param_grad_store(gl_p, cols, tl.where(live, w[:, None] * (-u * df - 1.0), 0.0), mask, dmask, SHARED_L)
     return dx
 
 
@@ -236,14 +245,14 @@ def _mixture_bwd_kernel(
         ga_p, gm_p, gl_p = ga_base, gm_base, gl_base
         for k in range(0, K):
             a = tl.load(a_p, mask=rmask, other=0.0).to(ACC)
-            u, ls, inv_s = _standardised(x, mu_p[:, None] + cols[None, :] * sm_d, ls_p[:, None] + cols[None, :] * sl_d,
-                                         mask, ACC)
+            u, ls, e, big = _standardised(x, mu_p[:, None] + cols[None, :] * sm_d,
+                                          ls_p[:, None] + cols[None, :] * sl_d, mask, ACC)
             f, df = std_log_density(u, KIND)
             C = tl.sum(tl.where(mask, f - ls, 0.0), axis=1)
             log_pi = a - log_norm
             w = tl.where(rmask, g * tl.exp2((log_pi + C - lp) * LOG2E), 0.0)
             _logit_grad_store(ga_p, tl.where(rmask, w - g * tl.exp2(log_pi * LOG2E), 0.0), rmask, SHARED_A)
-            dx = _feature_grads(w, u, df, inv_s, gm_p, gl_p, cols, mask, dmask, SHARED_M, SHARED_L)
+            dx = _feature_grads(w, u, df, e, big, gm_p, gl_p, cols, mask, dmask, SHARED_M, SHARED_L, ACC)
             if GRAD_X:
                 gx += dx
             a_p += sa_k
@@ -283,10 +292,10 @@ def _mixture_bwd_kernel(
             w_p = w_ptr + rows * K
             for k in range(0, K):
                 w = tl.load(w_p, mask=rmask, other=0.0)
-                u, _, inv_s = _standardised(xc, mu_p[:, None] + dc[None, :] * sm_d, ls_p[:, None] + dc[None, :] * sl_d,
-                                            mask, ACC)
+                u, _, e, big = _standardised(xc, mu_p[:, None] + dc[None, :] * sm_d,
+                                             ls_p[:, None] + dc[None, :] * sl_d, mask, ACC)
                 _, df = std_log_density(u, KIND)
-                dx = _feature_grads(w, u, df, inv_s, gm_p, gl_p, cols, mask, dmask, SHARED_M, SHARED_L)
+                dx = _feature_grads(w, u, df, e, big, gm_p, gl_p, cols, mask, dmask, SHARED_M, SHARED_L, ACC)
                 if GRAD_X:
                     gx += dx
                 mu_p += sm_k
@@ -342,9 +351,13 @@ def _shared_flags(strides, params, B: int, B_in: int) -> list[bool]:
     return flags
 
 
-def _blocks(B: int, D: int):
-    block_d = min(next_pow2(D), MAX_BLOCK_D)
-    block_b = max(1, min(next_pow2(B), TILE_ELEMS // block_d))
+def _blocks(B: int, D: int, acc: torch.dtype):
+    # An fp64 value takes two registers: fp64 tiles are half as large (half the features per chunk, the
+    # same rows), which keeps the backward's live tiles in registers (measured with ptxas for sm_90:
+    # full-size fp64 tiles spill; one row of 1024 features spills in the forward).
+    halve = 2 if acc == torch.float64 else 1
+    block_d = min(next_pow2(D), max(1, MAX_BLOCK_D // halve))
+    block_b = max(1, min(next_pow2(B), TILE_ELEMS // halve // block_d))
     warps = 4 if block_b * block_d >= 1024 else (2 if block_b * block_d >= 256 else 1)
     return block_b, block_d, D <= block_d, warps
 
@@ -364,13 +377,13 @@ def mixture_forward(x, logits, means, log_scales, kind: str) -> torch.Tensor:
         return shared_forward(xe.reshape(B, D), logits.reshape(K), means.reshape(K, D),
                               log_scales.reshape(K, D), kind).view(batch)
     out = empty(batch, dtype=acc, device=x.device)
-    block_b, block_d, one_chunk, warps = _blocks(B, D)
+    block_b, block_d, one_chunk, warps = _blocks(B, D, acc)
     _mixture_fwd_kernel[(triton.cdiv(B, block_b),)](
         xe, ae, me, le, out, B, B_in, K, D,
         *st[0], xe.stride(-1), *st[1], ae.stride(-1),
         *st[2], me.stride(-2), me.stride(-1), *st[3], le.stride(-2), le.stride(-1),
         KIND=KIND_CODES[kind], ACC=tl_dtype(acc), ONE_CHUNK=one_chunk,
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps,
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps, enable_fp_fusion=FP_FUSION,
     )
     return out
 
@@ -401,7 +414,7 @@ def mixture_backward(grad, x, logits, means, log_scales, log_prob, kind: str, ne
         gx = _reduce_to(gx.view(*batch, D), x) if need_grad_x else None
         return (gx, *(_reduce_to(gr.reshape(t.shape), t) for gr, t in zip(param_grads, inputs[1:])))
 
-    block_b, block_d, one_chunk, warps = _blocks(B, D)
+    block_b, block_d, one_chunk, warps = _blocks(B, D, acc)
     programs = triton.cdiv(B, block_b)
     # A per-row gradient that is final (the input has the full batch shape) is stored in the input's
     # dtype; one that is summed afterwards (partial sums, broadcast inputs) in the accumulation dtype.
@@ -418,7 +431,7 @@ def mixture_backward(grad, x, logits, means, log_scales, log_prob, kind: str, ne
         *st[2], me.stride(-2), me.stride(-1), *st[3], le.stride(-2), le.stride(-1),
         KIND=KIND_CODES[kind], ACC=tl_dtype(acc), ONE_CHUNK=one_chunk, GRAD_X=need_grad_x,
         SHARED_A=shared[0], SHARED_M=shared[1], SHARED_L=shared[2],
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps,
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps, enable_fp_fusion=FP_FUSION,
     )
     per_param = []
     for gr, is_sh, t, tail in zip((ga, gm, gl), shared, inputs[1:], ((K,), (K, D), (K, D))):
@@ -430,12 +443,18 @@ def mixture_backward(grad, x, logits, means, log_scales, log_prob, kind: str, ne
 #: Launches ``fastdensity verify``'s CPU cases never make, compiled for sm_90 by tests/test_sm90_compile.py
 #: (which takes the first and last entry): rows longer than one tile (D > MAX_BLOCK_D), with a mix of
 #: shared and per-row parameters, and the backward without the x gradient (verify always asks for it).
-_CHUNKED = {"ONE_CHUNK": False, "BLOCK_B": 2, "BLOCK_D": MAX_BLOCK_D}
+def _chunked(dtype_name: str) -> dict:
+    """The tiles the launcher picks for rows of 2 MAX_BLOCK_D features in ``dtype_name``."""
+    block_b, block_d, _, _ = _blocks(1 << 20, 2 * MAX_BLOCK_D, acc_dtype(getattr(torch, dtype_name)))
+    return {"ONE_CHUNK": False, "BLOCK_B": block_b, "BLOCK_D": block_d}
+
+
+_OPTIONS = {"num_warps": 4, "enable_fp_fusion": FP_FUSION}
 SM90_VARIANTS = {
-    "_mixture_fwd_kernel": lambda dtype_name: [(_CHUNKED, {"num_warps": 4})],
+    "_mixture_fwd_kernel": lambda dtype_name: [(_chunked(dtype_name), _OPTIONS)],
     "_mixture_bwd_kernel": lambda dtype_name: [
-        ({**_CHUNKED, "SHARED_A": True, "SHARED_M": False, "SHARED_L": True}, {"num_warps": 4}),
-        ({"GRAD_X": False, "SHARED_A": False, "SHARED_M": True, "SHARED_L": False}, {"num_warps": 4}),
+        ({**_chunked(dtype_name), "SHARED_A": True, "SHARED_M": False, "SHARED_L": True}, _OPTIONS),
+        ({"GRAD_X": False, "SHARED_A": False, "SHARED_M": True, "SHARED_L": False}, _OPTIONS),
     ],
 }
 
@@ -491,3 +510,10 @@ def _backward(ctx, grad):
 
 
 mixture_log_prob_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(mixture_log_prob_backward_op, "the mixture log-likelihoods")
+
+#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
+SM90_OCCUPANCY_FLOOR = {name: (0.25, "memory-bound with per-sample parameters (each [B, K, D] element read once "
+                                     "for a few flops): 16 warps keep ~30 KB per SM in flight, as 4.8 TB/s needs")
+                        for name in ("_mixture_fwd_kernel", "_mixture_bwd_kernel")}

@@ -11,7 +11,11 @@ score tile is built by a loop over the D features, one rank-1 update per feature
 
     score[n, k] = c_k + sum_d f(u_nkd),     u_nkd = (x_nd - mu_kd) * inv_s_kd
 
-with the per-component constants precomputed once on the host: ``inv_s = exp(-log_scales)``,
+with the per-component constants precomputed once on the host: ``inv_s = exp(-log_scales)``, as two
+factors ``a b`` (see :func:`inverse_scale`: ``b`` is exactly 1 unless exp(-l) overflows, and then keeps u
+finite). The second factor costs one multiply per (row, component, feature), 4 operations instead of 3
+for Gaussians; a uniform branch that skipped it when no log-scale needs it was tried and compiled to
+more registers and small spills on sm_90 (ptxas figures; the runtime cost of either is unmeasured),
 ``c_k = log pi_k - sum_d l_kd`` (Gaussian: also ``- D log(2 pi)/2``, with f(u) = -u^2/2 accumulated as
 u^2 and scaled once per tile). Each score tile then merges into the running per-row (max, sum) state as
 in ``kernels/logsumexp.py``; only the per-row result leaves the program. Like the matrix product it
@@ -64,17 +68,17 @@ responsibilities, max |error| against eager float32's:
 
 The GPU-tier rule (kernel error <= 2x the eager error + 1e-5) therefore rules out every expansion
 variant, forward and backward. So this kernel keeps the direct form in float32 (float64 for float64
-inputs) on the CUDA cores: 3 operations per (row, component, feature) for Gaussians. ``tl.dot`` and its
+inputs) on the CUDA cores: 4 operations per (row, component, feature) for Gaussians. ``tl.dot`` and its
 ``input_precision`` are deliberately not used. The numbers above come from CPU arithmetic; confirming
 them (and the throughput cost of this choice against the performance targets) on the H100 is
 outstanding. ``tests/test_mixture.py::test_matmul_expansion_is_less_accurate_than_the_direct_form``
 re-measures the forward claim at a smaller size on every run.
 
-Minimum traffic and work, N rows, e = bytes per element of x (parameters are K(2D+1), negligible):
+Minimum traffic and work, N rows, e = bytes per element of x (parameters are K(3D+1), negligible):
 
     forward             read x (N D e), write N log-likelihoods                 ~ N D e
     backward            read x, g, lp; write dx                                 ~ 2 N D e
-    flops               Gaussian ~3 N K D forward, ~9 N K D backward (two recomputations of the
+    flops               Gaussian ~4 N K D forward, ~12 N K D backward (two recomputations of the
                         scores); logistic adds 2 transcendentals per (n, k, d) - compute-bound
                         for K >~ 8.
 """
@@ -87,14 +91,19 @@ import triton
 import triton.language as tl
 
 from .logsumexp import LOG2E, lse_update_tile, lse_value
-from .utils import INTERPRETED, acc_dtype, empty, next_pow2, target_programs, tl_dtype
+from .utils import FP_FUSION, INTERPRETED, acc_dtype, empty, next_pow2, target_programs, tl_dtype
 
-__all__ = ["INTERPRETED", "KIND_CODES", "std_log_density", "shared_forward", "shared_backward"]
+__all__ = ["INTERPRETED", "KIND_CODES", "LOG_SCALE_CAP", "std_log_density", "inverse_scale", "times_inverse_scale",
+           "shared_forward", "shared_backward"]
 
 KIND_CODES = {"gaussian": 0, "logistic": 1}
 _GAUSSIAN = tl.constexpr(0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 HALF_LOG_2PI = tl.constexpr(_HALF_LOG_2PI)
+
+#: The largest whole exponent whose exp is finite, per accumulation dtype: :func:`inverse_scale` splits
+#: exp(-l) into two factors past it (the reference's ``log_scale_cap``; a test checks they agree).
+LOG_SCALE_CAP = {torch.float32: 88.0, torch.float64: 709.0}
 
 #: Tile sizes (provisional until tuned on the H100; tests lower them to reach multi-tile paths).
 BLOCK_N = 64
@@ -122,24 +131,61 @@ def std_log_density(u, KIND: tl.constexpr):
 
 
 @triton.jit
-def _feature_u(xp, mp, ip, rmask, kmask, ACC: tl.constexpr):
-    """One feature d: ``(u [BLOCK_N, BLOCK_K], inv_s [BLOCK_K])`` from x[:, d], mu[:, d] and inv_s[:, d]."""
-    xd = tl.load(xp, mask=rmask, other=0.0).to(ACC)
-    mud = tl.load(mp, mask=kmask, other=0.0)
-    isd = tl.load(ip, mask=kmask, other=0.0)
-    return (xd[:, None] - mud[None, :]) * isd[None, :], isd
+def inverse_scale(ls, ACC: tl.constexpr):
+    """``(e, big)`` for :func:`times_inverse_scale`: with ``t = -ls`` and ``c`` = :data:`LOG_SCALE_CAP` of ACC,
+    ``big = t > c`` (exp(-ls) overflows) and ``e = exp(t)``, or ``exp(min(t - c, c))`` where big. One exp and
+    a predicate per element: the reference's two factors ``a = exp(min(t, c))``, ``b = exp(min(t - min(t, c), c))``
+    are ``(e, 1)`` and, where big, ``(exp(c), e)``."""
+    if ACC == tl.float64:
+        cap = 709.0
+    else:
+        cap = 88.0
+    t = -ls
+    big = t > cap
+    return tl.exp(tl.minimum(tl.where(big, t - cap, t), cap)), big
 
 
 @triton.jit
-def _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, c_ptr, ks, kmask, D,
+def times_inverse_scale(v, e, big, ACC: tl.constexpr):
+    """``v exp(-ls)`` from :func:`inverse_scale`'s ``(e, big)``, rounded as the reference's ``(v a) b``: ``v e``
+    (exactly ``v exp(-ls)``) wherever exp(-ls) is finite, ``(v exp(c)) e`` past it, which stays finite
+    (``u = 0`` at ``v = 0``, not ``0 * inf``) wherever the product is representable."""
+    if ACC == tl.float64:
+        exp_cap = 8.218407461554972e307  # exp(709), rounded to float64
+    else:
+        exp_cap = 1.6516363e38  # exp(88), rounded to float32
+    return (v * tl.where(big, exp_cap, 1.0)) * e  # v * 1 is exact: v e where not big
+
+
+@triton.jit
+def _times_inv_scale(v, isd, ild):
+    """``v exp(-l)`` for a [BLOCK_N, BLOCK_K] tile v and one feature's two factors [BLOCK_K] (host-split as
+    :func:`inverse_scale` splits it): ``(v a) b``, with ``b = 1`` exactly unless exp(-l) overflows."""
+    return (v * isd[None, :]) * ild[None, :]
+
+
+@triton.jit
+def _feature_u(xp, mp, ip, lop, rmask, kmask, ACC: tl.constexpr):
+    """One feature d: ``(u [BLOCK_N, BLOCK_K], a [BLOCK_K], b [BLOCK_K])`` from x[:, d], mu[:, d] and the two
+    inverse-scale factors a[:, d], b[:, d]."""
+    xd = tl.load(xp, mask=rmask, other=0.0).to(ACC)
+    mud = tl.load(mp, mask=kmask, other=0.0)
+    isd = tl.load(ip, mask=kmask, other=0.0)
+    ild = tl.load(lop, mask=kmask, other=1.0)
+    return _times_inv_scale(xd[:, None] - mud[None, :], isd, ild), isd, ild
+
+
+@triton.jit
+def _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, il_ptr, c_ptr, ks, kmask, D,
                 KIND: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_N, BLOCK_K] log pi_k + log p_k(x_n): one rank-1 update per feature d."""
     acc = tl.zeros([BLOCK_N, BLOCK_K], ACC)
     xp = x_rows
     mp = mu_ptr + ks * D
     ip = is_ptr + ks * D
+    lop = il_ptr + ks * D
     for d in range(0, D):
-        u, _ = _feature_u(xp, mp, ip, rmask, kmask, ACC)
+        u, _, _ = _feature_u(xp, mp, ip, lop, rmask, kmask, ACC)
         if KIND == _GAUSSIAN:
             acc += u * u  # the -1/2 and the constants are applied once per tile below
         else:
@@ -148,6 +194,7 @@ def _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, c_ptr, ks, kmask, D,
         xp += sx_d
         mp += 1
         ip += 1
+        lop += 1
     # c_k = log pi_k - sum_d l_kd (- D log(2 pi)/2): -inf for lanes past K, so they weigh nothing.
     c = tl.load(c_ptr + ks, mask=kmask, other=float("-inf"))
     if KIND == _GAUSSIAN:
@@ -157,7 +204,7 @@ def _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, c_ptr, ks, kmask, D,
 
 @triton.jit
 def _shared_fwd_kernel(
-    x_ptr, mu_ptr, is_ptr, c_ptr, out_ptr,
+    x_ptr, mu_ptr, is_ptr, il_ptr, c_ptr, out_ptr,
     N, K, D, sx_n, sx_d,
     KIND: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -169,7 +216,8 @@ def _shared_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
-        score = _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, c_ptr, ks, kmask, D, KIND, ACC, BLOCK_N, BLOCK_K)
+        score = _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, il_ptr, c_ptr, ks, kmask, D, KIND, ACC,
+                            BLOCK_N, BLOCK_K)
         m, s = lse_update_tile(m, s, score)
     tl.store(out_ptr + rows, lse_value(m, s), mask=rmask)
 
@@ -183,11 +231,11 @@ def _weights(score, lp, g, rmask):
 
 @triton.jit
 def _shared_bwd_x_kernel(
-    x_ptr, mu_ptr, is_ptr, c_ptr, lp_ptr, g_ptr, gx_ptr,
+    x_ptr, mu_ptr, is_ptr, il_ptr, c_ptr, lp_ptr, g_ptr, gx_ptr,
     N, K, D, sx_n, sx_d,
     KIND: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """gx [N, D] (contiguous, accumulation dtype) = sum_k w f'(u) inv_s, one column per feature."""
+    """gx [N, D] (contiguous, accumulation dtype) = sum_k w f'(u) exp(-l), one column per feature."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     rmask = rows < N
     x_rows = x_ptr + rows * sx_n
@@ -196,22 +244,26 @@ def _shared_bwd_x_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
-        score = _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, c_ptr, ks, kmask, D, KIND, ACC, BLOCK_N, BLOCK_K)
+        score = _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, il_ptr, c_ptr, ks, kmask, D, KIND, ACC,
+                            BLOCK_N, BLOCK_K)
         w = _weights(score, lp, g, rmask)
+        live = w != 0  # as in kernels/mixture.py: a weightless component adds exactly 0, not 0 * inf
         xp = x_rows
         mp = mu_ptr + ks * D
         ip = is_ptr + ks * D
+        lop = il_ptr + ks * D
         gp = gx_ptr + rows * D
         for d in range(0, D):
-            u, isd = _feature_u(xp, mp, ip, rmask, kmask, ACC)
+            u, isd, ild = _feature_u(xp, mp, ip, lop, rmask, kmask, ACC)
             _, df = std_log_density(u, KIND)
-            col = tl.sum(w * df * isd[None, :], axis=1)
+            col = tl.sum(tl.where(live, _times_inv_scale(w * df, isd, ild), 0.0), axis=1)
             # The first component tile writes the column, later ones add to it (read back below).
             prev = tl.load(gp, mask=rmask & (k0 > 0), other=0.0)
             tl.store(gp, prev + col, mask=rmask)
             xp += sx_d
             mp += 1
             ip += 1
+            lop += 1
             gp += 1
         # Make this tile's columns visible to every thread of the program before the next tile reads
         # them back (a column's load and store need not be issued by the same thread).
@@ -220,13 +272,13 @@ def _shared_bwd_x_kernel(
 
 @triton.jit
 def _shared_bwd_params_kernel(
-    x_ptr, mu_ptr, is_ptr, c_ptr, lp_ptr, g_ptr, ga_ptr, gm_ptr, gl_ptr,
+    x_ptr, mu_ptr, is_ptr, il_ptr, c_ptr, lp_ptr, g_ptr, ga_ptr, gm_ptr, gl_ptr,
     N, K, D, sx_n, sx_d, tiles_per_split,
     KIND: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial sums over one split of the rows, for one tile of components.
 
-    ga [splits, K] gets sum_n w; gm, gl [splits, K, D] get -sum_n w f'(u) inv_s and sum_n w (-u f'(u) - 1).
+    ga [splits, K] gets sum_n w; gm, gl [splits, K, D] get -sum_n w f'(u) exp(-l) and sum_n w (-u f'(u) - 1).
     """
     split = tl.program_id(1).to(tl.int64)
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -238,19 +290,22 @@ def _shared_bwd_params_kernel(
         x_rows = x_ptr + rows * sx_n
         lp = tl.load(lp_ptr + rows, mask=rmask, other=0.0)
         g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
-        score = _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, c_ptr, ks, kmask, D, KIND, ACC, BLOCK_N, BLOCK_K)
+        score = _score_tile(x_rows, rmask, sx_d, mu_ptr, is_ptr, il_ptr, c_ptr, ks, kmask, D, KIND, ACC,
+                            BLOCK_N, BLOCK_K)
         w = _weights(score, lp, g, rmask)
+        live = w != 0  # as in kernels/mixture.py: a weightless component adds exactly 0, not 0 * inf
         ga += tl.sum(w, axis=0)
         xp = x_rows
         mp = mu_ptr + ks * D
         ip = is_ptr + ks * D
+        lop = il_ptr + ks * D
         gmp = gm_ptr + (split * K + ks) * D
         glp = gl_ptr + (split * K + ks) * D
         for d in range(0, D):
-            u, isd = _feature_u(xp, mp, ip, rmask, kmask, ACC)
+            u, isd, ild = _feature_u(xp, mp, ip, lop, rmask, kmask, ACC)
             _, df = std_log_density(u, KIND)
-            gmu = -tl.sum(w * df * isd[None, :], axis=0)
-            gls = tl.sum(w * (-u * df - 1.0), axis=0)
+            gmu = -tl.sum(tl.where(live, _times_inv_scale(w * df, isd, ild), 0.0), axis=0)
+            gls = tl.sum(tl.where(live, w * (-u * df - 1.0), 0.0), axis=0)
             # Own slice of the partial buffers: the first row tile writes, later ones accumulate.
             accumulate = kmask & (t > 0)
             tl.store(gmp, tl.load(gmp, mask=accumulate, other=0.0) + gmu, mask=kmask)
@@ -258,6 +313,7 @@ def _shared_bwd_params_kernel(
             xp += sx_d
             mp += 1
             ip += 1
+            lop += 1
             gmp += 1
             glp += 1
         tl.debug_barrier()
@@ -270,14 +326,19 @@ def _shared_bwd_params_kernel(
 
 
 def _component_constants(logits, means, log_scales, kind: str, acc: torch.dtype):
-    """Host-side, once per call (K (2D + 1) numbers): means, inv_s = exp(-l) and the constants c_k."""
+    """Host-side, once per call (K (3D + 1) numbers): ``(mu, a, b, c)`` - the means; ``exp(-l) = a * b``,
+    the reference's ``inverse_scale_factors`` (b = 1 unless exp(-l) overflows); and the constants c_k."""
     mu = means.to(acc).contiguous()
     ls = log_scales.to(acc)
-    inv_s = torch.exp(-ls).contiguous()
+    cap = LOG_SCALE_CAP[acc]
+    t = -ls
+    t_hi = t.clamp(max=cap)
+    inv_hi = torch.exp(t_hi).contiguous()
+    inv_lo = torch.exp((t - t_hi).clamp(max=cap)).contiguous()
     c = torch.log_softmax(logits.to(acc), dim=-1) - ls.sum(dim=-1)
     if kind == "gaussian":
         c = c - means.shape[-1] * _HALF_LOG_2PI
-    return mu, inv_s, c.contiguous()
+    return mu, inv_hi, inv_lo, c.contiguous()
 
 
 def _tiles(N: int, K: int):
@@ -294,11 +355,12 @@ def shared_forward(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, l
     K = logits.shape[-1]
     acc = acc_dtype(x.dtype)
     out = empty((N,), dtype=acc, device=x.device)
-    mu, inv_s, c = _component_constants(logits, means, log_scales, kind, acc)
+    mu, inv_hi, inv_lo, c = _component_constants(logits, means, log_scales, kind, acc)
     block_n, block_k, warps = _tiles(N, K)
     _shared_fwd_kernel[(triton.cdiv(N, block_n),)](
-        x, mu, inv_s, c, out, N, K, D, x.stride(0), x.stride(1),
+        x, mu, inv_hi, inv_lo, c, out, N, K, D, x.stride(0), x.stride(1),
         KIND=KIND_CODES[kind], ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        enable_fp_fusion=FP_FUSION,
     )
     return out
 
@@ -311,16 +373,17 @@ def shared_backward(grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, m
     N, D = x.shape
     K = logits.shape[-1]
     acc = acc_dtype(x.dtype)
-    mu, inv_s, c = _component_constants(logits, means, log_scales, kind, acc)
+    mu, inv_hi, inv_lo, c = _component_constants(logits, means, log_scales, kind, acc)
     g = grad.to(acc).contiguous()
     lp = log_prob.to(acc).contiguous()
     block_n, block_k, warps = _tiles(N, K)
-    meta = dict(KIND=KIND_CODES[kind], ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    meta = dict(KIND=KIND_CODES[kind], ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                enable_fp_fusion=FP_FUSION)
     gx = None
     if need_grad_x:
         gx = empty((N, D), dtype=acc, device=x.device)
         _shared_bwd_x_kernel[(triton.cdiv(N, block_n),)](
-            x, mu, inv_s, c, lp, g, gx, N, K, D, x.stride(0), x.stride(1), **meta)
+            x, mu, inv_hi, inv_lo, c, lp, g, gx, N, K, D, x.stride(0), x.stride(1), **meta)
 
     n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
     n_split = min(n_tiles, max(1, triton.cdiv(target_programs(x.device), k_tiles)))
@@ -330,6 +393,13 @@ def shared_backward(grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, m
     gm = empty((n_split, K, D), dtype=acc, device=x.device)
     gl = empty((n_split, K, D), dtype=acc, device=x.device)
     _shared_bwd_params_kernel[(k_tiles, n_split)](
-        x, mu, inv_s, c, lp, g, ga, gm, gl, N, K, D, x.stride(0), x.stride(1), per, **meta)
+        x, mu, inv_hi, inv_lo, c, lp, g, ga, gm, gl, N, K, D, x.stride(0), x.stride(1), per, **meta)
     pi = torch.softmax(logits.to(acc), dim=-1)
     return gx, ga.sum(dim=0) - pi * g.sum(), gm.sum(dim=0), gl.sum(dim=0)
+
+
+#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
+SM90_OCCUPANCY_FLOOR = {name: (0.125, "exp-bound, not memory-bound: every x element meets all K shared "
+                                      "components; 8 warps (2 per scheduler) keep the MUFU and FMA pipes issuing")
+                        for name in ("_shared_fwd_kernel", "_shared_bwd_x_kernel", "_shared_bwd_params_kernel")}

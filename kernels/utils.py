@@ -1,4 +1,5 @@
-"""Launcher helpers shared by the kernel files: strides, block sizes, dtypes, interpreter detection.
+"""Launcher helpers shared by the kernel files: strides, block sizes, dtypes, interpreter detection,
+the compile options every launch passes, and the double-backward refusal every op registers.
 
 Nothing here is a Triton kernel; these are the host-side decisions every launcher makes the same way.
 """
@@ -17,6 +18,18 @@ from .._dtypes import acc_dtype  # noqa: F401  (re-exported: the launchers' accu
 #: True when ``@triton.jit`` in this process returns interpreted functions (TRITON_INTERPRET=1 was set
 #: before the kernel modules were imported). Kernel modules copy it into their own ``INTERPRETED``.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+#: Passed as ``enable_fp_fusion=FP_FUSION`` to every launch, so that no environment variable and no
+#: Triton release changes our numerics behind our back. Triton compiles ``a * b + c`` into one fused
+#: multiply-add when fusion is on; its default has been on, is read from TRITON_DEFAULT_FP_FUSION, and
+#: becomes off in Triton 3.10. We keep it on, deliberately: an FMA rounds once where the pair rounds
+#: twice (as accurate or more), it is faster, PyTorch's own CUDA kernels are built with nvcc's default
+#: ``--fmad=true`` (so the GPU tier's "torch in the same dtype" yardstick fuses too), and every GPU
+#: tolerance and benchmark of these kernels was measured with it. (A forward and a backward kernel that
+#: must round a recomputed value alike compute it with one shared ``@triton.jit`` helper: the same
+#: expression, offered to the compiler for contraction the same way in both. The debugging switch
+#: TRITON_FORCE_DISABLE_FP_FUSION still overrides this.)
+FP_FUSION = True
 
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -123,3 +136,23 @@ def warps_for(tile_elems: int) -> int:
     if tile_elems >= 2048:
         return 4
     return 2 if tile_elems >= 512 else 1
+
+
+def refuse_double_backward(backward_op, op_name: str) -> None:
+    """Register an autograd formula for ``backward_op`` (the custom op computing ``op_name``'s gradients)
+    that raises a clear error when something differentiates through it: a gradient of a gradient
+    (``create_graph=True`` followed by another backward, ``torch.autograd.gradcheck``'s second order,
+    Hessians, gradient penalties).
+
+    The kernels implement first derivatives only. Without this, PyTorch's own message names the
+    internal backward op and asks for ``register_autograd``, which is no help to the caller.
+    """
+
+    def _refuse(ctx, *grads):
+        raise RuntimeError(
+            f"double backward (a gradient of a gradient) through fastdensity's Triton kernel for {op_name} is "
+            f"not supported: the kernels implement first derivatives only. Run this computation on the "
+            f"pure-PyTorch path, which is differentiable to any order: `with fastdensity.set_backend("
+            f"'reference'): ...` (or set_backend('reference') for the whole run).")
+
+    backward_op.register_autograd(_refuse, setup_context=lambda ctx, inputs, output: None)

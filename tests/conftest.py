@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _seed_and_poison():
-    """Fresh seed per test; kernel outputs start as NaN so unwritten elements fail (DESIGN §6)."""
+    """Fresh seed per test; kernel outputs start as NaN so unwritten elements fail (docs/design.md, Tests)."""
     torch.manual_seed(0)
     from fastdensity.testing import poisoned_outputs
 

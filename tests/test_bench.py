@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdensity.benchmarks import harness, report, suite
+from fastdensity.benchmarks import harness, measure, record, report, schedule, suite
 from fastdensity.benchmarks.bench_masked_conv import live_taps, shifted_masked_conv2d
 from fastdensity.benchmarks.bench_masked_linear import made_mask
 from fastdensity.benchmarks.harness import CSV_COLUMNS, Case, Provider, Runner, Timing, Unavailable
@@ -29,7 +29,28 @@ CPU = torch.device("cpu")
 
 def test_csv_columns_are_the_issue_schema():
     assert CSV_COLUMNS == ("op", "provider", "mode", "dtype", "shape", "device", "median_ms", "p20_ms", "p80_ms",
-                           "gbps", "bw_fraction", "peak_mem_mb", "torch", "triton", "commit", "date")
+                           "gbps", "bw_fraction", "peak_mem_mb", "saved_mb", "torch", "triton", "commit", "date")
+
+
+def test_saved_bytes_counts_each_live_saved_storage_once():
+    x = torch.randn(1000, requires_grad=True)
+    w = torch.randn(1000, requires_grad=True)
+
+    def twice_saved():
+        y = x.exp()  # exp saves its output y; y * y saves y twice more: one storage of 4000 bytes
+        return (y * y).sum()
+
+    assert measure.saved_bytes(twice_saved, exclude=[x]) == 4000
+    # x itself is excluded (it exists anyway), w is not: sin saves x, mul saves sin(x) and w (both want grads).
+    assert measure.saved_bytes(lambda: (x.sin() * w).sum(), exclude=[x]) == 8000
+    assert measure.saved_bytes(lambda: (x.sin() * w).sum(), exclude=[x, w]) == 4000
+    # A graph branch dropped during the call holds nothing once it returns.
+    assert measure.saved_bytes(lambda: (x.exp(), x.cos().sum())[1], exclude=[x]) == 0
+    # A saved view keeps its whole storage alive: counted whole.
+    big = torch.randn(4, 1000)
+    assert measure.saved_bytes(lambda: (x * big[0]).sum(), exclude=[x]) == 16000
+    with torch.no_grad():
+        assert measure.saved_bytes(lambda: x.exp().sum()) == 0
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 10, 37])
@@ -124,8 +145,8 @@ def test_commit_of_an_enclosing_repository_is_not_ours(monkeypatch):
         return subprocess.CompletedProcess(argv, 0, stdout="/some/other/project\n9999999\n" if "--show-toplevel" in argv
                                            else "", stderr="")
 
-    monkeypatch.setattr(harness.subprocess, "run", git)
-    assert harness._git_commit() == "abc1234"
+    monkeypatch.setattr(record.subprocess, "run", git)
+    assert record.git_commit() == "abc1234"
 
 
 def test_device_slug_and_name():
@@ -223,8 +244,8 @@ def _synthetic_cases(order: list[str]):
 def test_run_suite_rows_skips_and_order(tmp_path):
     order: list[str] = []
     writer = harness.ResultsWriter(tmp_path / "r.csv")
-    result = harness.run_suite(_synthetic_cases(order), device=CPU, writer=writer, progress=False,
-                               timer=FixedTimer(2.0), copy_bytes=2**20, log=lambda s: None)
+    result = bench_cmd.run_and_record(_synthetic_cases(order), device=CPU, writer=writer, progress=False,
+                                      timer=FixedTimer(2.0), copy_bytes=2**20, log=lambda s: None)
     rows = harness.read_rows(tmp_path / "r.csv")
     assert rows[0]["op"] == "device_copy" and float(rows[0]["bw_fraction"]) == 1.0
     copy_gbps = float(rows[0]["gbps"])
@@ -238,6 +259,8 @@ def test_run_suite_rows_skips_and_order(tmp_path):
     assert float(fwd["bw_fraction"]) == pytest.approx(float(fwd["gbps"]) / copy_gbps, rel=1e-4)
     assert rows[2]["gbps"] == ""  # no minimum bytes for backward in this case: no GB/s
     assert fwd["peak_mem_mb"] == ""  # CPU: not measured
+    assert fwd["saved_mb"] == "0"  # x * 3 saves no tensor for backward; measured on any device
+    assert rows[2]["saved_mb"] == ""  # backward mode: its timed call runs no forward
     assert float(fwd["p20_ms"]) == 1.0 and float(fwd["p80_ms"]) == 3.0
     kinds = {(s.provider, s.kind) for s in result.skips}
     assert kinds == {("peer", "unavailable"), ("bad", "error"), ("eager", "unavailable")}
@@ -245,8 +268,8 @@ def test_run_suite_rows_skips_and_order(tmp_path):
 
 
 def test_run_suite_respects_the_budget():
-    result = harness.run_suite(_synthetic_cases([]), device=CPU, budget_s=0.0, progress=False,
-                               timer=FixedTimer(), copy_bytes=2**20, log=lambda s: None)
+    result = bench_cmd.run_and_record(_synthetic_cases([]), device=CPU, budget_s=0.0, progress=False,
+                                      timer=FixedTimer(), copy_bytes=2**20, log=lambda s: None)
     assert len(result.rows) == 1  # only the copy yardstick
     assert {s.kind for s in result.skips} == {"budget", "unavailable"}
 
@@ -254,7 +277,7 @@ def test_run_suite_respects_the_budget():
 def test_compiling_providers_get_their_share_of_a_tight_budget(monkeypatch):
     """Non-compiling providers may not spend the whole op: torch.compile keeps COMPILE_SHARE of it."""
     clock = [0.0]
-    monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(schedule, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     class TenSecondTimer(FixedTimer):
         def __call__(self, fn):
@@ -269,8 +292,8 @@ def test_compiling_providers_get_their_share_of_a_tight_budget(monkeypatch):
     cases = [Case("toy", f"case{i}", torch.float32, make, providers) for i in range(3)]
     def measured(reserve: float) -> list[tuple[str, str]]:
         clock[0] = 0.0
-        result = harness.run_suite({"toy": cases}, device=CPU, budget_s=100.0, compile_reserve_s=reserve,
-                                   progress=False, timer=TenSecondTimer(), copy_bytes=2**20, log=lambda s: None)
+        result = bench_cmd.run_and_record({"toy": cases}, device=CPU, budget_s=100.0, compile_reserve_s=reserve,
+                                          progress=False, timer=TenSecondTimer(), copy_bytes=2**20, log=lambda s: None)
         return [(r["provider"], r["shape"]) for r in result.rows[1:]]
 
     # The copy takes 10 s of 100, leaving 90: eager until 10 + 0.6 * 90 = 64, compiled until 100.
@@ -288,8 +311,8 @@ def test_a_timer_that_flushes_the_cache_gets_one_input_set():
         timer.flushes_cache = flushes
         case = Case("toy", "x[4]", torch.float32, lambda: built.append(1) or (torch.randn(4),),
                     [Provider("eager", lambda: Runner(lambda x: x * 2))], modes=("forward",))
-        harness.run_suite({"toy": [case]}, device=CPU, progress=False, timer=timer, copy_bytes=2**20,
-                          log=lambda s: None)
+        bench_cmd.run_and_record({"toy": [case]}, device=CPU, progress=False, timer=timer, copy_bytes=2**20,
+                                 log=lambda s: None)
         return len(built)
 
     assert count(flushes=True) == 1  # do_bench on CUDA: L2 is flushed before every call
@@ -298,16 +321,16 @@ def test_a_timer_that_flushes_the_cache_gets_one_input_set():
 
 def test_without_a_progress_bar_every_row_and_skip_is_logged():
     lines = []
-    result = harness.run_suite(_synthetic_cases([]), device=CPU, progress=False, timer=FixedTimer(),
-                               copy_bytes=2**20, log=lines.append)
+    result = bench_cmd.run_and_record(_synthetic_cases([]), device=CPU, progress=False, timer=FixedTimer(),
+                                      copy_bytes=2**20, log=lines.append)
     assert len(lines) == 1 + (len(result.rows) - 1) + len(result.skips)  # the copy, then one line each
     assert any("toy x[64] float32 eager forward: median 2 ms" in line for line in lines)
     assert any(line.startswith("not measured: toy x[64] float32 bad forward: error") for line in lines)
 
 
 def test_compiling_providers_need_the_reserve():
-    result = harness.run_suite(_synthetic_cases([]), device=CPU, budget_s=60.0, compile_reserve_s=1e6,
-                               progress=False, timer=FixedTimer(), copy_bytes=2**20, log=lambda s: None)
+    result = bench_cmd.run_and_record(_synthetic_cases([]), device=CPU, budget_s=60.0, compile_reserve_s=1e6,
+                                      progress=False, timer=FixedTimer(), copy_bytes=2**20, log=lambda s: None)
     assert {r["provider"] for r in result.rows[1:]} == {"eager"}
     assert any(s.provider == "compiled" and s.kind == "budget" and "compile" in s.reason for s in result.skips)
 

@@ -102,6 +102,25 @@ def test_model_choices_match_the_registry():
     assert train_command.MODELS == tuple(MODELS)
 
 
+def test_optimizer_flag(tmp_path, capsys):
+    """``--optimizer adamw`` trains with AdamW and the checkpoint says so; resuming it with another optimizer
+    is refused, with the same one it continues. The choices are spelled out like ``--model``'s."""
+    from fastdensity.commands import train as train_command
+    from fastdensity.training import OPTIMIZERS, load_checkpoint
+
+    assert train_command.OPTIMIZERS == tuple(OPTIMIZERS)
+    code, _, stderr = run_cli(capsys, "train", "--optimizer", "adamw", "--steps", 3, "--out", tmp_path, "--no-plots",
+                              *TINY)
+    assert code == 0, stderr
+    assert load_checkpoint(str(tmp_path))["optimizer"]["param_groups"][0]["decoupled_weight_decay"] is True
+    code, _, stderr = run_cli(capsys, "train", "--resume", "--optimizer", "adam", "--steps", 4, "--out", tmp_path,
+                              "--no-progress")
+    assert code == 2 and "cannot resume with optimizer 'adam'" in stderr
+    code, _, stderr = run_cli(capsys, "train", "--resume", "--optimizer", "adamw", "--steps", 4, "--out", tmp_path,
+                              "--no-progress", "--no-plots")
+    assert code == 0, stderr
+    assert load_checkpoint(str(tmp_path))["step"] == 4
+
 def test_python_dash_m_and_console_script(capsys, monkeypatch):
     """``python -m fastdensity`` runs ``fastdensity/__main__.py``; here in this interpreter (runpy does what
     ``-m`` does), as a fresh interpreter costs seconds and test_train's SIGKILL and gloo tests already
@@ -186,7 +205,7 @@ def test_evaluate_reproduces_a_dequantized_test_nll(tmp_path, capsys):
 def test_evaluate_finds_the_training_split_of_a_file_given_by_another_path(tmp_path, capsys, monkeypatch):
     """A run on a file with a non-default split seed: evaluating the same file by a relative path scores the
     same test split (the stored seed is used), so the NLL is training's own figure."""
-    from fastdensity.train import TrainConfig, train
+    from fastdensity.training import TrainConfig, train
 
     np.save(tmp_path / "points.npy", np.random.default_rng(1).normal(size=(200, 2)).astype(np.float32))
     metrics = train(TrainConfig(model="gmm", data=str(tmp_path / "points.npy"), split_seed=7, steps=2, device="cpu",
@@ -198,9 +217,9 @@ def test_evaluate_finds_the_training_split_of_a_file_given_by_another_path(tmp_p
 
 
 def test_non_finite_loss_exits_1_naming_the_step(tmp_path, capsys, monkeypatch):
-    from fastdensity import train as ftrain
+    from fastdensity.training import loop
 
-    forward = ftrain._Objective.forward
+    forward = loop.Objective.forward
     calls = {"n": 0}
 
     def poisoned(self, y, logdet):
@@ -208,7 +227,7 @@ def test_non_finite_loss_exits_1_naming_the_step(tmp_path, capsys, monkeypatch):
         out = forward(self, y, logdet)
         return out + float("inf") if calls["n"] == 4 else out
 
-    monkeypatch.setattr(ftrain._Objective, "forward", poisoned)
+    monkeypatch.setattr(loop.Objective, "forward", poisoned)
     code, _, stderr = run_cli(capsys, "train", "--steps", 10, "--checkpoint-every", 2, "--out", tmp_path,
                               "--no-plots", *TINY)
     assert code == 1

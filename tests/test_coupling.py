@@ -240,6 +240,18 @@ def test_softclamp_needs_a_positive_finite_clamp(clamp):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("scale", ["softclamp", "exp"])
+@pytest.mark.parametrize("clamp", [None, "3", True])
+def test_clamp_must_be_a_real_number_on_both_backends(backend, scale, clamp):
+    """clamp=None crashed inside float(); clamp="3" ran on the kernel path (float("3")) and failed in the
+    reference (a tensor divided by a str). Both backends now refuse it alike, naming the argument."""
+    x = torch.randn(2, 3)
+    with fastdensity.set_backend(backend):
+        with pytest.raises(TypeError, match=f"clamp must be a real number; got {clamp!r}"):
+            ops.affine_coupling(x, x, x, scale=scale, clamp=clamp)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_mismatches_name_the_tensors(backend):
     x = torch.randn(2, 3)
     with fastdensity.set_backend(backend):

@@ -511,6 +511,14 @@ def test_bad_input_messages(backend):
         assert out.shape == (2,)
 
 
+def test_meta_tensors_give_the_shape_with_validate_args():
+    """validate_args=True reads x's range back to the host; meta tensors have no data to read, so the
+    check is skipped for them (as inside torch.compile) and shape inference works."""
+    x, p = torch.empty(2, 3, 4, 4, device="meta"), torch.empty(2, 30, 4, 4, device="meta")
+    assert ops.dmol_log_prob(x, p).shape == (2,)
+    assert ops.dmol_log_prob(x, p, reduction="none", validate_args=True).shape == (2, 4, 4)
+
+
 def test_module_validates_its_arguments():
     with pytest.raises(ValueError, match="channels must be 1 or 3; got 2"):
         DiscretizedLogisticMixture(4, channels=2)

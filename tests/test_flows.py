@@ -1,4 +1,5 @@
-"""Layers and flows: log-dets against Jacobians, invertibility, kernel/reference agreement, compile."""
+"""Layers and flows: log-dets against Jacobians, invertibility, kernel/reference agreement, compile, the
+context rules, and the base distributions against torch.distributions and nflows'."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 import fastdensity
-from fastdensity import Flow, StandardNormal, DiagonalNormal
+from fastdensity import ConditionalDiagonalNormal, DiagonalNormal, Flow, StandardNormal
 from fastdensity.nn import (ActNorm, AdditiveCoupling, AffineCoupling, CompositeTransform, InvConv1x1,
                             RandomPermutation, ReversePermutation, Squeeze)
 from helpers import assert_compiles_like_reference, requires_interpreter
@@ -271,6 +272,175 @@ def test_standard_normal_matches_torch_distributions():
     expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum((1, 2))
     torch.testing.assert_close(StandardNormal([2, 3]).log_prob(z), expected)
     d = _perturb(DiagonalNormal([2, 3])).double()
-    ref = torch.distributions.Normal(d.mean, d.log_std.exp()).log_prob(z).sum((1, 2))
+    ref = torch.distributions.Normal(d.loc, d.log_std.exp()).log_prob(z).sum((1, 2))
     torch.testing.assert_close(d.log_prob(z), ref)
     assert math.isclose(StandardNormal(4)._log_z, 2 * math.log(2 * math.pi))
+    torch.testing.assert_close(d.mean(), d.loc)
+    c = torch.randn(4, 7, dtype=torch.float64)  # only its number of rows matters to the unconditional ones
+    assert d.mean(c).shape == (4, 2, 3) and torch.equal(d.mean(c)[2], d.loc)
+    assert torch.equal(StandardNormal([2, 3]).double().mean(c), torch.zeros(4, 2, 3, dtype=torch.float64))
+
+
+def _nflows_distributions():
+    return pytest.importorskip("nflows.distributions.normal")
+
+
+@pytest.fixture
+def float64_default():
+    """nflows draws its base samples in the default dtype: float64 runs compare float64 draws."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_standard_normal_matches_nflows(float64_default):
+    theirs, ours = _nflows_distributions().StandardNormal([3]), StandardNormal([3]).double()
+    z, c = torch.randn(5, 3), torch.randn(2, 4)
+    torch.testing.assert_close(ours.log_prob(z), theirs.log_prob(z))
+    for context in (None, c):
+        torch.manual_seed(3)
+        s_theirs, lp_theirs = theirs.sample_and_log_prob(6, context)
+        torch.manual_seed(3)
+        s_ours, lp_ours = ours.sample_and_log_prob(6, context)
+        assert s_ours.shape == ((6, 3) if context is None else (2, 6, 3))
+        torch.testing.assert_close(s_ours, s_theirs, rtol=0, atol=0)  # the same draws, in the same layout
+        torch.testing.assert_close(lp_ours, lp_theirs)
+        torch.testing.assert_close(ours.mean(context), theirs.mean(context))
+
+
+def test_conditional_diagonal_normal_matches_nflows(float64_default):
+    torch.manual_seed(0)
+    encoder = nn.Linear(2, 6)
+    theirs = _nflows_distributions().ConditionalDiagonalNormal([3], context_encoder=encoder)
+    ours = ConditionalDiagonalNormal([3], context_encoder=encoder)
+    assert list(ours.state_dict()) == list(theirs.state_dict())  # nflows' keys: _context_encoder.*
+    z, c = torch.randn(5, 3), torch.randn(5, 2)
+    torch.testing.assert_close(ours.log_prob(z, c), theirs.log_prob(z, c))
+    torch.testing.assert_close(ours.mean(c), theirs.mean(c))
+    torch.manual_seed(4)
+    s_theirs, lp_theirs = theirs.sample_and_log_prob(7, c[:2])
+    torch.manual_seed(4)
+    s_ours, lp_ours = ours.sample_and_log_prob(7, c[:2])
+    assert s_ours.shape == (2, 7, 3) and lp_ours.shape == (2, 7)
+    torch.testing.assert_close(s_ours, s_theirs)
+    torch.testing.assert_close(lp_ours, lp_theirs)
+    # Not vacuous: the density moves with the context, and matches torch.distributions.
+    mean, log_std = encoder(c).chunk(2, dim=1)
+    expected = torch.distributions.Normal(mean, log_std.exp()).log_prob(z).sum(1)
+    torch.testing.assert_close(ours.log_prob(z, c), expected)
+    assert not torch.allclose(ours.log_prob(z, c), ours.log_prob(z, c.flip(0)))
+    # context_encoder=None: the context holds the parameters.
+    params = torch.randn(5, 6)
+    torch.testing.assert_close(ConditionalDiagonalNormal([3]).log_prob(z, params),
+                               _nflows_distributions().ConditionalDiagonalNormal([3]).log_prob(z, params))
+
+
+def test_distribution_context_errors():
+    with pytest.raises(ValueError, match="ConditionalDiagonalNormal needs a context"):
+        ConditionalDiagonalNormal([3], nn.Linear(2, 6)).log_prob(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="ConditionalDiagonalNormal needs a context"):
+        ConditionalDiagonalNormal([3], nn.Linear(2, 6)).sample(2)
+    with pytest.raises(ValueError, match=r"context encoder must return \[B, 2 \* 3\]"):
+        ConditionalDiagonalNormal([3], nn.Linear(2, 4)).log_prob(torch.randn(4, 3), torch.randn(4, 2))
+    for dist in (StandardNormal(3), DiagonalNormal(3), ConditionalDiagonalNormal([3], nn.Linear(2, 6))):
+        with pytest.raises(ValueError, match=r"context must have one row per input row: inputs have batch size 4"):
+            dist.log_prob(torch.randn(4, 3), torch.randn(5, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# The context rules: used, or refused - never silently ignored
+# ------------------------------------------------------------------------------------------------
+
+
+def _context_jacobian(fn, context):
+    """d fn(context) / d context for a function returning a tensor (z or a log-density)."""
+    return torch.autograd.functional.jacobian(fn, context)
+
+
+def test_coupling_with_a_context_net_depends_on_the_context():
+    net = lambda n_in, n_out: ContextNet(n_in, n_out, context_features=2)  # noqa: E731
+    layer = _perturb(AffineCoupling(torch.tensor([1, 0, 1]), net)).double()
+    assert layer.conditional
+    x, c = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    jac = _context_jacobian(lambda v: layer(x, v)[0], c)  # [4, 3, 4, 2]
+    assert jac[:, [0, 2]].abs().sum() > 0 and torch.count_nonzero(jac[:, 1]) == 0  # identity part untouched
+    jac_ld = _context_jacobian(lambda v: layer(x, v)[1], c)
+    assert jac_ld.abs().sum() > 0
+    x_back, _ = layer.inverse(layer(x, c)[0], c)
+    torch.testing.assert_close(x_back, x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ActNorm(3), lambda: InvConv1x1(3), lambda: ReversePermutation(3), lambda: RandomPermutation(3),
+    lambda: AffineCoupling(torch.tensor([1, 0, 1]), mlp()), lambda: AdditiveCoupling(torch.tensor([1, 0, 1]), mlp()),
+    lambda: CompositeTransform([ActNorm(3), ReversePermutation(3)]),
+], ids=["actnorm", "invconv", "reverse", "random-permutation", "affine-unconditional-net",
+        "additive-unconditional-net", "composite-of-unconditional"])
+def test_layers_that_cannot_use_a_context_refuse_one(make):
+    layer = make().double()
+    assert not layer.conditional
+    x, c = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    layer(x)  # fine without one (ActNorm initialises here)
+    for direction in (layer.forward, layer.inverse):
+        with pytest.raises(ValueError, match="context"):
+            direction(x, c)
+
+
+def test_squeeze_refuses_a_context():
+    with pytest.raises(ValueError, match="Squeeze does not use a context"):
+        Squeeze()(torch.randn(2, 1, 4, 4), torch.randn(2, 3))
+
+
+def test_composite_hands_the_context_to_the_members_that_use_it():
+    net = lambda n_in, n_out: ContextNet(n_in, n_out, context_features=2)  # noqa: E731
+    transform = _perturb(CompositeTransform([ActNorm(3), AffineCoupling(torch.tensor([1, 0, 1]), net),
+                                             ReversePermutation(3), AffineCoupling(torch.tensor([0, 1, 0]), net),
+                                             InvConv1x1(3)])).double()
+    assert transform.conditional
+    x, c = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    transform(x, c)  # ActNorm's initialisation
+    jac = _context_jacobian(lambda v: transform(x, v)[0], c)
+    assert (jac.abs().sum((0, 2, 3)) > 0).all()  # every output feature moves with the context
+    z, logdet = transform(x, c)
+    x_back, logdet_inv = transform.inverse(z, c)
+    torch.testing.assert_close(x_back, x)
+    torch.testing.assert_close(logdet_inv, -logdet)
+    with pytest.raises(ValueError, match=r"context must have one row per input row: inputs have batch size 5"):
+        transform(x, c[:3])
+
+
+def test_coupling_context_batch_mismatch_is_an_error():
+    net = lambda n_in, n_out: ContextNet(n_in, n_out, context_features=2)  # noqa: E731
+    layer = AffineCoupling(torch.tensor([1, 0, 1]), net)
+    with pytest.raises(ValueError, match=r"AffineCoupling: context must have one row per input row"):
+        layer(torch.randn(4, 3), torch.randn(2, 2))
+    with pytest.raises(ValueError, match="its transform net \\(Sequential\\) takes none"):
+        AffineCoupling(torch.tensor([1, 0, 1]), mlp())(torch.randn(4, 3), torch.randn(4, 2))
+
+
+def test_flow_refuses_a_context_nothing_uses_and_checks_its_rows():
+    flow = Flow(CompositeTransform([AffineCoupling(torch.tensor([1, 0]), mlp()), ActNorm(2)]), StandardNormal(2))
+    assert not flow.conditional
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="neither its transform nor its distribution uses one"):
+        flow.log_prob(x, torch.randn(4, 1))
+    with pytest.raises(ValueError, match="neither its transform nor its distribution uses one"):
+        flow.sample(3, torch.randn(2, 1))
+    conditional = Flow(CompositeTransform([AffineCoupling(torch.tensor([1, 0]), mlp()), ActNorm(2)]),
+                       ConditionalDiagonalNormal([2], nn.Linear(1, 4)))
+    assert conditional.conditional
+    with pytest.raises(ValueError, match=r"Flow: context must have one row per input row"):
+        conditional.log_prob(x, torch.randn(3, 1))
+
+
+def test_conditional_base_makes_the_flow_conditional():
+    """A flow whose only conditional part is its base: log_prob and samples depend on the context."""
+    torch.manual_seed(0)
+    flow = _perturb(Flow(CompositeTransform([AffineCoupling(torch.tensor([1, 0]), mlp()), ReversePermutation(2)]),
+                         ConditionalDiagonalNormal([2], nn.Linear(1, 4)))).double()
+    x, c = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    assert _context_jacobian(lambda v: flow.log_prob(x, v), c).abs().sum() > 0
+    samples, log_prob = flow.sample_and_log_prob(3, c)
+    assert samples.shape == (4, 3, 2)
+    torch.testing.assert_close(flow.log_prob(samples.reshape(12, 2), c.repeat_interleave(3, 0)), log_prob.reshape(12))

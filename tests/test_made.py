@@ -1,5 +1,6 @@
-"""MADE: the autoregressive property through the Jacobian, nflows' degrees, reproducible random orderings,
-the kernel path against the reference, and a GPU tier."""
+"""MADE: the autoregressive property through the Jacobian, nflows' degrees and block structures (plain and
+residual, random masks, dropout, batch norm) against nflows' own MADE, the context, reproducible random
+orderings, the kernel path against the reference, and a GPU tier."""
 from __future__ import annotations
 
 import pytest
@@ -10,16 +11,37 @@ from fastdensity.nn import MADE
 from fastdensity.testing import compare
 from helpers import assert_compiles_like_reference, requires_cuda
 
-ORDERINGS = ["sequential", "random", "explicit"]
 
-
-def _made(ordering, D=6, H=16, m=1, context=None, num_blocks=2, dtype=torch.float64, seed=None):
+def _made(ordering, D=6, H=16, m=1, context=None, num_blocks=2, dtype=torch.float64, seed=None, **options):
     if ordering == "explicit":
         ordering = torch.tensor([3, 0, 5, 1, 4, 2][:D]) if D == 6 else torch.randperm(D)
-    elif ordering == "random" and seed is None:
+    elif (ordering == "random" or options.get("random_mask")) and seed is None:
         seed = 11
     return MADE(D, H, num_blocks=num_blocks, output_multiplier=m, context_features=context, ordering=ordering,
-                seed=seed).to(dtype)
+                seed=seed, **options).to(dtype)
+
+
+def _perturbed(made, scale=0.3):
+    """Parameters moved off their initialisation (nflows' residual blocks start near zero, which would
+    let a missing path through them pass unnoticed)."""
+    with torch.no_grad():
+        for p in made.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return made
+
+
+# Block structures: (ordering, options); the residual one needs non-random degrees.
+STRUCTURES = [
+    ("sequential", {}),
+    ("random", {}),
+    ("explicit", {}),
+    ("sequential", {"random_mask": True}),
+    ("explicit", {"use_residual_blocks": True}),
+    ("sequential", {"use_residual_blocks": True, "use_batch_norm": True, "dropout_probability": 0.2}),
+    ("explicit", {"use_batch_norm": True, "dropout_probability": 0.2}),
+]
+STRUCTURE_IDS = ["sequential", "random", "explicit", "random-mask", "residual", "residual-bn-dropout",
+                 "plain-bn-dropout"]
 
 
 def _input_jacobian(made, x, context=None):
@@ -33,11 +55,11 @@ def _input_jacobian(made, x, context=None):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ordering", ORDERINGS)
+@pytest.mark.parametrize("ordering,options", STRUCTURES, ids=STRUCTURE_IDS)
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("context", [None, 2])
-def test_autoregressive_property(ordering, m, context):
-    made = _made(ordering, m=m, context=context)
+def test_autoregressive_property(ordering, options, m, context):
+    made = _perturbed(_made(ordering, m=m, context=context, **options)).eval()  # eval: dropout off, BN fixed
     D = made.features
     order = made.ordering
     c = None if context is None else torch.randn(context, dtype=torch.float64)
@@ -49,11 +71,17 @@ def test_autoregressive_property(ordering, m, context):
     # The other way round, exactly: the masks leave a path from every earlier input to every output
     # (with cycling degrees and H >= D - 1; random degrees may leave some out, never add one).
     paths = made.input_layer.mask.double()
-    for layer in [*made.hidden_layers, made.output_layer]:
-        paths = layer.mask.double() @ paths
+    if made.use_residual_blocks:  # each block adds its two layers' paths to the skip connection's
+        for block in made.blocks:
+            inner = block.linear_layers[1].mask.double() @ block.linear_layers[0].mask.double()
+            paths = paths + inner @ paths
+    else:
+        for layer in made.hidden_layers:
+            paths = layer.mask.double() @ paths
+    paths = made.output_layer.mask.double() @ paths
     connected = (paths > 0).view(D, m, D)
     assert not connected.permute(1, 0, 2)[:, forbidden].any()
-    if ordering != "random":
+    if ordering != "random" and not options.get("random_mask"):
         assert connected.permute(1, 0, 2)[:, ~forbidden].all(), "an allowed dependency is missing (masks too strict)"
 
 
@@ -65,6 +93,105 @@ def test_first_feature_is_unconditional_and_context_reaches_every_output():
     assert torch.count_nonzero(jac_x[first]) == 0
     jac_c = torch.autograd.functional.jacobian(lambda v: made(x[None], v[None])[0], c)
     assert (jac_c.abs().sum(1) > 0).all()
+
+
+def test_residual_context_follows_nflows():
+    """Residual blocks take the context as nflows does (first layer and each block, not the output layer):
+    every output but the first feature's depends on it; the first feature's parameters are constants."""
+    made = _perturbed(_made("explicit", m=2, context=3, use_residual_blocks=True))
+    x, c = torch.randn(6, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    first = int(made.generation_order[0])
+    jac_c = torch.autograd.functional.jacobian(lambda v: made(x[None], v[None])[0], c).view(6, 2, 3)
+    assert torch.count_nonzero(jac_c[first]) == 0
+    others = [d for d in range(6) if d != first]
+    assert (jac_c[others].abs().sum(-1) > 0).all()
+
+
+def copy_nflows_made(theirs, ours):
+    """Copy nflows' MADE parameters (and batch-norm statistics) into ours. Our hidden units are nflows'
+    sorted by degree (a stable argsort), so every hidden-sized axis is permuted by that order; the masks
+    must then agree exactly."""
+    D = ours.features
+    perm = torch.argsort(theirs.initial_layer.degrees, stable=True)  # all hidden layers share degrees here
+    pairs = [(theirs.initial_layer, ours.input_layer, perm, torch.arange(D))]
+    if ours.use_residual_blocks:
+        for tb, ob in zip(theirs.blocks, ours.blocks):
+            pairs += [(tl, ol, perm, perm) for tl, ol in zip(tb.linear_layers, ob.linear_layers)]
+    else:
+        pairs += [(tb.linear, ol, perm, perm) for tb, ol in zip(theirs.blocks, ours.hidden_layers)]
+    pairs.append((theirs.final_layer, ours.output_layer, torch.arange(ours.output_layer.out_features), perm))
+    with torch.no_grad():
+        for t, o, rows, cols in pairs:
+            assert torch.equal(o.mask, t.mask[rows][:, cols].bool()), "masks differ beyond the permutation"
+            o.weight.copy_(t.weight[rows][:, cols])
+            o.bias.copy_(t.bias[rows])
+        if ours.use_residual_blocks:
+            if ours.context_layer is not None:
+                ours.context_layer.weight.copy_(theirs.context_layer.weight[perm])
+                ours.context_layer.bias.copy_(theirs.context_layer.bias[perm])
+            for tb, ob in zip(theirs.blocks, ours.blocks):
+                if ob.context_layer is not None:
+                    ob.context_layer.weight.copy_(tb.context_layer.weight[perm])
+                    ob.context_layer.bias.copy_(tb.context_layer.bias[perm])
+                if ob.batch_norm_layers is not None:
+                    for tn, on in zip(tb.batch_norm_layers, ob.batch_norm_layers):
+                        _copy_norm(tn, on, perm)
+        else:
+            for tb, on in zip(theirs.blocks, ours.batch_norms or []):
+                _copy_norm(tb.batch_norm, on, perm)
+
+
+def _copy_norm(theirs, ours, perm):
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(ours, name).copy_(getattr(theirs, name)[perm])
+
+
+@pytest.mark.parametrize("options", [
+    {"use_residual_blocks": True},
+    {"use_residual_blocks": True, "context_features": 3},
+    {"use_residual_blocks": True, "context_features": 3, "use_batch_norm": True},
+    {"use_residual_blocks": False, "use_batch_norm": True},
+    {"use_residual_blocks": False, "activation": torch.tanh},
+], ids=["residual", "residual-context", "residual-context-bn", "plain-bn", "plain-tanh"])
+def test_residual_and_plain_made_equal_nflows_made(options):
+    """nflows' MADE with weights copied across (hidden units sorted) gives the same outputs to float64
+    round-off. (nflows' plain MADE takes its context differently - first layer only - so the plain
+    structure is compared without one.)"""
+    nflows_made = pytest.importorskip("nflows.transforms.made")
+    torch.manual_seed(0)
+    D, H, C = 5, 12, options.get("context_features")
+    theirs = _perturbed(nflows_made.MADE(D, H, num_blocks=2, output_multiplier=2, **options).double()).eval()
+    ours = MADE(D, H, num_blocks=2, output_multiplier=2, **options).double().eval()
+    if options.get("use_batch_norm"):  # non-trivial running statistics
+        for norm in [m for m in theirs.modules() if isinstance(m, torch.nn.BatchNorm1d)]:
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+    copy_nflows_made(theirs, ours)
+    x = torch.randn(7, D, dtype=torch.float64)
+    c = None if C is None else torch.randn(7, C, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, c), theirs(x, c))
+
+
+def test_random_mask_draws_nflows_degrees():
+    """random_mask keeps the natural order and draws each layer's degrees uniformly in [min(previous), D-1]."""
+    made = MADE(6, 40, num_blocks=3, random_mask=True, seed=2)
+    assert torch.equal(made.ordering, torch.arange(6))
+    previous = made.degrees
+    for deg in made.hidden_degrees:
+        assert deg.min() >= min(int(previous.min()), 5) and deg.max() <= 5
+        previous = deg
+    again = MADE(6, 40, num_blocks=3, random_mask=True, seed=2)
+    assert torch.equal(again.hidden_degrees, made.hidden_degrees)
+    assert not torch.equal(MADE(6, 40, num_blocks=3).hidden_degrees, made.hidden_degrees)
+
+
+def test_dropout_acts_in_training_only():
+    made = _perturbed(_made("sequential", m=2, dropout_probability=0.5, use_residual_blocks=True))
+    x = torch.randn(4, 6, dtype=torch.float64)
+    made.train()
+    assert not torch.equal(made(x), made(x))
+    made.eval()
+    assert torch.equal(made(x), made(x))
 
 
 def test_output_layout_and_degrees():
@@ -136,8 +263,10 @@ def test_leading_dims():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kernel_path_matches_reference(dtype):
-    made = _made("random", D=9, H=40, m=2, context=3, dtype=dtype)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_kernel_path_matches_reference(dtype, residual):
+    made = _made("sequential" if residual else "random", D=9, H=40, m=2, context=3, dtype=dtype,
+                 use_residual_blocks=residual)
     x = torch.randn(5, 9, dtype=dtype, requires_grad=True)
     c = torch.randn(5, 3, dtype=dtype, requires_grad=True)
     g = torch.randn(5, 18, dtype=dtype)
@@ -206,8 +335,14 @@ def test_bad_arguments_are_named():
         MADE(4, 8, output_multiplier=0)
     with pytest.raises(ValueError, match="num_blocks must be an integer >= 0; got -1"):
         MADE(4, 8, num_blocks=-1)
-    with pytest.raises(ValueError, match="seed is only used with ordering='random'"):
+    with pytest.raises(ValueError, match=r"seed is only used with random degrees \(ordering='random' or random_mask"):
         MADE(4, 8, seed=3)
+    with pytest.raises(ValueError, match="use_residual_blocks needs the same degrees"):
+        MADE(4, 8, use_residual_blocks=True, random_mask=True)
+    with pytest.raises(ValueError, match="use_residual_blocks needs the same degrees"):
+        MADE(4, 8, use_residual_blocks=True, ordering="random")
+    with pytest.raises(ValueError, match=r"dropout_probability must lie in \[0, 1\); got 1.0"):
+        MADE(4, 8, dropout_probability=1.0)
     made = MADE(4, 8, context_features=2)
     with pytest.raises(ValueError, match=r"context must have shape \[..., context_features=2\]; got None"):
         made(torch.randn(3, 4))
@@ -217,6 +352,9 @@ def test_bad_arguments_are_named():
         made(torch.randn(3, 5), torch.randn(3, 2))
     with pytest.raises(ValueError, match="context was given but this MADE was built with context_features=None"):
         MADE(4, 8)(torch.randn(3, 4), torch.randn(3, 2))
+    for residual in (False, True):
+        with pytest.raises(ValueError, match=r"context must have the inputs' leading dims \(3,\)"):
+            MADE(4, 8, context_features=2, use_residual_blocks=residual)(torch.randn(3, 4), torch.randn(5, 2))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -133,6 +133,45 @@ def test_op_sees_in_place_mask_edits():
     torch.testing.assert_close(y_half, F.linear(x[:, :16], w[:, :16]), rtol=1e-5, atol=5e-5)
 
 
+def test_op_sees_edits_that_bypass_the_version_counter():
+    """A mask made with torch.from_numpy shares the array's memory: editing the array bumps no version
+    counter, nor does a write through .data. On CPU the cache compares contents, so neither is missed."""
+    import numpy as np
+
+    x = torch.randn(3, 33)
+    w = torch.randn(20, 33)
+    arr = np.ones((20, 33), dtype=np.float32)
+    mask = torch.from_numpy(arr)
+    with fastdensity.set_backend("triton"):
+        ops.masked_linear(x, w, mask)  # caches the all-FULL tables
+        arr[:, 16:] = 0.0
+        y_numpy_edit = ops.masked_linear(x, w, mask)
+        mask.data[:5] = 0.0
+        y_data_edit = ops.masked_linear(x, w, mask)
+    # Tolerances: fp32 sums of 33 products (the kernel's order differs from F.linear's).
+    torch.testing.assert_close(y_numpy_edit, F.linear(x[:, :16], w[:, :16]), rtol=1e-5, atol=5e-5)
+    expected = F.linear(x[:, :16], w[:, :16])
+    expected[:, :5] = 0.0
+    torch.testing.assert_close(y_data_edit, expected, rtol=1e-5, atol=5e-5)
+
+
+@requires_interpreter
+def test_bf16_under_the_interpreter_matches_the_reference():
+    """The interpreter's tl.dot multiplies bf16 bit patterns (values ~1e10); the kernel widens its
+    operands to fp32 there, so bf16 gives the reference's answer (forward and both gradients)."""
+    x = torch.randn(5, 40).bfloat16()
+    w = torch.randn(24, 40).bfloat16()
+    mask = made_hidden_mask(24, 40, 8)  # FULL, PARTIAL and DEAD tiles
+
+    def inputs():
+        xl, wl = leaves(x, w)
+        return (xl, wl, mask), [xl, wl]
+
+    # bf16 results: both paths accumulate in fp32 and round once to bf16 (8 bits), so they differ by at
+    # most an ulp or two of the output, 2^-7 relative; sums of 40 products of N(0, 1) reach ~20.
+    assert_kernel_matches_reference(ops.masked_linear, inputs, rtol=2e-2, atol=2e-2)
+
+
 # ------------------------------------------------------------------------------------------------
 # Interpreter tier: the kernels against the reference
 # ------------------------------------------------------------------------------------------------

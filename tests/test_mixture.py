@@ -281,6 +281,59 @@ def test_kernel_extreme_values(monkeypatch, kind, path, small_tiles):
     assert_kernel_matches_reference(OPS[kind], _inputs(x, logits, means, log_scales))
 
 
+def _log_space_log_prob(x, logits, means, log_scales, kind):
+    """The mixture log-likelihood in float64 with u = sign(r) exp(log|r| - l): an independent yardstick
+    that stays exact where exp(-l) overflows even float64."""
+    x, logits, means, log_scales = (t.double() for t in (x, logits, means, log_scales))
+    r = x.unsqueeze(-2) - means
+    u = torch.sign(r) * torch.exp(torch.log(r.abs()) - log_scales)  # r = 0 gives sign 0 * exp(-inf) = 0
+    if kind == "gaussian":
+        per_dim = -0.5 * u * u - log_scales - ref.HALF_LOG_2PI
+    else:
+        per_dim = -u.abs() - 2 * torch.log1p(torch.exp(-u.abs())) - log_scales
+    return torch.logsumexp(torch.log_softmax(logits, -1) + per_dim.sum(-1), -1)
+
+
+@pytest.mark.parametrize("path", ["reference", "per-sample", "shared"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype,narrow", [(torch.float32, -100.0), (torch.float64, -750.0)])
+def test_log_scales_past_the_exp_range_stay_finite(monkeypatch, kind, path, dtype, narrow):
+    """A component narrower than exp(-l) can represent (l = -100 in float32: exp(100) overflows) gave
+    NaN at x = mu (0 * inf) and -inf for tiny residuals. The result, and every gradient, must be finite
+    and right wherever the exact answer is representable."""
+    monkeypatch.setattr(kmix, "SHARED_MIN_KD", 1 if path == "shared" else 10 ** 9)
+    tiny = torch.finfo(dtype).tiny  # a normal residual whose u = tiny * exp(-l) is moderate
+    x = torch.tensor([[0.0, 0.0, 0.0],          # exactly at the narrow component's mean
+                      [tiny, 0.0, -tiny],       # residuals of a few ulps of 0
+                      [1e4 * tiny, 0.0, 0.0],   # u ~ 1e4 tiny e^-l: far out, finite score
+                      [0.3, -1.2, 2.0]], dtype=dtype)  # the narrow component weighs nothing here
+    logits = torch.tensor([0.0, -1.0], dtype=dtype)
+    means = torch.tensor([[0.0, 0.0, 0.0], [0.5, -1.0, 1.5]], dtype=dtype)
+    log_scales = torch.tensor([[narrow] * 3, [0.2, -0.3, 0.1]], dtype=dtype)
+    if path != "shared":  # per-sample parameters: one set per row
+        logits, means, log_scales = (t.expand(4, *t.shape).contiguous() for t in (logits, means, log_scales))
+    exact = _log_space_log_prob(x, logits, means, log_scales, kind)
+    assert torch.isfinite(exact).all() and exact.abs().max() < torch.finfo(dtype).max
+    args = [t.clone().requires_grad_() for t in (x, logits, means, log_scales)]
+    with fastdensity.set_backend("reference" if path == "reference" else "triton"):
+        out = OPS[kind](*args)
+    grads = torch.autograd.grad(out.sum(), args)
+    # The narrow component's score is ~ -3 l ~ 300 (float32) or 2250 (float64): a few ulps of it.
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    for g in grads:
+        assert torch.isfinite(g).all(), g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_log_scale_cap_matches_the_reference(dtype):
+    """The kernels split exp(-l) at the same exponent as the reference, so both round alike."""
+    assert kshared.LOG_SCALE_CAP[dtype] == ref.log_scale_cap(dtype)
+    assert math.isfinite(math.exp(ref.log_scale_cap(dtype))) and torch.isfinite(
+        torch.exp(torch.tensor(ref.log_scale_cap(dtype), dtype=dtype)))
+    a, b = ref.inverse_scale_factors(torch.tensor([0.0, -50.0, -150.0], dtype=dtype))
+    assert b[0] == 1 and b[1] == 1 and torch.isfinite(a * b)[:2].all() and torch.isfinite(a).all()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("path", ["per-sample", "shared"])
 def test_kernel_gradcheck(monkeypatch, kind, path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -388,9 +389,10 @@ def test_pixelcnn_input_checks():
 
 
 def test_bad_model_options():
-    with pytest.raises(ValueError, match="unknown model 'flowpp'; choose one of realnvp, glow, maf, pixelcnn, gmm"):
+    with pytest.raises(ValueError, match=f"unknown model 'flowpp'; choose one of {', '.join(MODELS)}$"):
         build_model("flowpp", (2,))
-    with pytest.raises(ValueError, match="maf: .*unexpected keyword.*options are num_layers, hidden, num_hidden"):
+    with pytest.raises(ValueError, match=r"maf: unknown option\(s\) depth; its options are num_layers, hidden, "
+                                         r"num_hidden"):
         build_model("maf", (2,), depth=3)
     with pytest.raises(ValueError, match=r"num_scales applies to images \(\[C, H, W\]\) only"):
         RealNVP((2,), num_scales=2)
@@ -404,6 +406,102 @@ def test_bad_model_options():
         RealNVP((1, 4, 4), scale="sigmoid")
     with pytest.raises(ValueError, match=r"models data of shape \[D\] or \[C, H, W\]"):
         MAF((2, 3))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"hidden": "wide"}, "maf: hidden must be an integer; got 'wide' (str)"),  # --set hidden=wide
+    ({"hidden": 2.5}, "maf: hidden must be an integer; got 2.5 (float)"),  # int() would truncate it to 2
+    ({"num_layers": True}, "maf: num_layers must be an integer; got True (bool)"),
+    ({"actnorm": "false"}, "maf: actnorm must be true or false; got 'false' (str)"),  # bool("false") is True
+    ({"scale": 3}, "maf: scale must be a string; got 3 (int)"),
+])
+def test_build_model_names_bad_option_values(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_model("maf", (3,), **kwargs)
+
+
+def test_build_model_takes_whole_floats_and_names_missing_options():
+    assert build_model("maf", (3,), hidden=8.0, num_layers=1e0).config["hidden"] == 8  # JSON's 1e3 is a float
+    with pytest.raises(ValueError, match="pixelcnn: option.s. levels must be given; its options are levels, "):
+        build_model("pixelcnn", (1, 4, 4))
+
+
+def test_build_model_refuses_sizes_past_memory_without_allocating_them():
+    """hidden=1e9 (--set hidden=1e9) asks for ~10^19 parameters: a ValueError giving the size, at once,
+    instead of an allocator crash or the machine swapping. The big tensors are never allocated: the
+    build becomes a dry run on the meta device."""
+    with pytest.raises(ValueError, match=r"maf with hidden=1000000000 for shape \[3\] would need [\d.]+ PiB for its "
+                                         r"[\d,]+ parameter and buffer values, more than this machine's .* of memory"):
+        build_model("maf", (3,), hidden=1e9)
+    with pytest.raises(ValueError, match=r"realnvp with hidden=1000000 for shape \[3, 8, 8\] would need [\d.]+ TiB"):
+        build_model("realnvp", (3, 8, 8), hidden=10 ** 6)
+
+
+def test_build_model_size_check_uses_the_machine_memory(monkeypatch):
+    import fastdensity.models as models
+
+    monkeypatch.setattr(models, "_memory_bytes", lambda: 100_000)
+    with pytest.raises(ValueError, match=r"would need 253.9 KiB for its 65,000 parameter and buffer values, more "
+                                         r"than this machine's 97.7 KiB of memory"):
+        build_model("gmm", (2, 4, 4), components=1000)  # K + 2 K D float32 values, D = 32
+    assert build_model("gmm", (2, 4, 4), components=10).num_parameters() == 10 + 2 * 10 * 32
+
+
+@pytest.mark.parametrize("name,shape,kwargs", [
+    ("maf", (5,), {"hidden": 8}), ("maf", (5,), {"hidden": 8, "permutation": "random"}),
+    ("realnvp", (3, 8, 8), {"hidden": 8}), ("glow", (2, 8, 8), {"hidden": 8}), ("gmm", (3,), {}),
+    ("pixelcnn", (1, 8, 8), {"levels": 4}),
+])
+@pytest.mark.parametrize("always_real", [0, 1 << 20])
+def test_build_model_after_a_dry_run_is_the_direct_construction(monkeypatch, name, shape, kwargs, always_real):
+    """Past the dry-run threshold the model is built twice (sized on the meta device, then for real): the
+    result and the RNG state after it must be exactly those of constructing it directly."""
+    import fastdensity.models as models
+
+    monkeypatch.setattr(models, "_DRY_RUN_ABOVE", 0)  # every build becomes a dry run first
+    monkeypatch.setattr(models, "_ALWAYS_REAL", always_real)  # 0: even a seed read back is meta (fails)
+    torch.manual_seed(3)
+    built, after_built = build_model(name, shape, **kwargs), torch.rand(4)
+    torch.manual_seed(3)
+    direct, after_direct = MODELS[name](shape, **kwargs), torch.rand(4)
+    a, b = built.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(after_built, after_direct)
+    assert not any(t.is_meta for t in (*built.parameters(), *built.buffers()))
+
+
+EMPTY_CASES = [
+    ("realnvp", (3,), {"hidden": 8, "num_layers": 2}), ("realnvp", (1, 4, 4), {"hidden": 4, "num_layers": 1}),
+    ("glow", (3,), {"hidden": 8, "num_steps": 2}), ("glow", (1, 4, 4), {"hidden": 4, "num_steps": 1}),
+    ("maf", (3,), {"hidden": 8, "num_layers": 2}), ("maf", (1, 2, 2), {"hidden": 8, "num_layers": 1}),
+    ("gmm", (3,), {"components": 2}), ("pixelcnn", (1, 4, 4), {"levels": 4, "hidden": 4, "num_blocks": 1}),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name,shape,kwargs", EMPTY_CASES, ids=[f"{n}-{len(s)}d" for n, s, _ in EMPTY_CASES])
+def test_log_prob_of_an_empty_batch_is_empty(name, shape, kwargs, backend):
+    """A batch of zero examples gives zero log-densities: RealNVP and Glow raised IndexError (u[0] of
+    an empty batch), MAF and GMM a reshape error (-1 is ambiguous with 0 rows). In training mode an
+    uninitialised ActNorm must not initialise itself from no data (it would be NaN for good)."""
+    model = build_model(name, shape, **kwargs)
+    empty = torch.zeros(0, *shape, dtype=torch.long if name == "pixelcnn" else torch.float32)
+    with fastdensity.set_backend(backend):
+        for mode in (True, False):
+            model.train(mode)
+            out = model.log_prob(empty)
+            assert out.shape == (0,)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,shape,kwargs", EMPTY_CASES[::2], ids=[n for n, _, _ in EMPTY_CASES[::2]])
+def test_sample_counts_must_be_non_negative_integers(name, shape, kwargs):
+    model = build_model(name, shape, **kwargs).eval()
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 0; got -1$"):
+        model.sample(-1)
+    with pytest.raises(TypeError, match=r"num_samples must be an integer >= 0; got 2.5 \(float\)"):
+        model.sample(2.5)  # int() would have drawn 2
+    assert model.sample(0).shape == (0, *shape)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""fastdensity.train: training lowers the NLL, resume after SIGKILL is bit-exact, a NaN stops the run and
+"""fastdensity.training: training lowers the NLL, resume after SIGKILL is bit-exact, a NaN stops the run and
 keeps the last good checkpoint, two gloo processes follow one process, checkpoints are atomic and safe."""
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from fastdensity import data as fdata
-from fastdensity import train as ftrain
+from fastdensity import training as ftrain
+from fastdensity.atomic_io import atomic_write
 from fastdensity.models import build_model
-from fastdensity.train import TrainConfig, TrainingDiverged, train
+from fastdensity.training import TrainConfig, TrainingDiverged, train
+from fastdensity.training import checkpoint, loop, run_directory
 from helpers import requires_cuda
 
 TINY_REALNVP = {"hidden": 8, "num_layers": 2}
@@ -90,7 +92,10 @@ def test_short_run_lowers_nll(tmp_path, model, data, steps, batch, lr, args, dro
 def test_outputs_and_checkpoint_contents(tmp_path):
     metrics = train(_config(tmp_path, steps=12, eval_every=4, checkpoint_every=6), progress=False, plots=True)
     files = sorted(os.listdir(tmp_path))
-    assert files == ["checkpoint.pt", "density.png", "log.jsonl", "metrics.json", "samples.png"], files
+    # No lock or temporary file is left; the checkpoint of step 6 is kept as the previous one.
+    assert files == ["checkpoint.prev.pt", "checkpoint.pt", "density.png", "log.jsonl", "metrics.json",
+                     "samples.png"], files
+    assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)["step"] == 6
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     for key in ("test_nll", "bits_per_dim", "true_nll", "kl_gap", "steps", "seconds", "device"):
@@ -101,9 +106,11 @@ def test_outputs_and_checkpoint_contents(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain data only
     assert ckpt["step"] == 12 and ckpt["config"]["model"] == "realnvp" and ckpt["config"]["steps"] == 12
     assert ckpt["model"] == {"name": "realnvp", "args": {"shape": [2], "num_layers": 2, "hidden": 8,
-                                                         "num_hidden": 2, "scale": "softclamp", "actnorm": True}}
+                                                         "num_hidden": 2, "scale": "softclamp", "actnorm": True,
+                                                         "context_features": None}}
     assert ckpt["data"]["name"] == "checkerboard" and ckpt["preprocess"] == {"type": "identity"}
     assert "state" in ckpt["optimizer"] and isinstance(ckpt["rng"]["torch"], torch.Tensor)
+    assert ckpt["checksum"]["algorithm"] == "sha256" and len(ckpt["checksum"]["digest"]) == 64
     model, pre = ftrain.model_from_checkpoint(ckpt)
     data = fdata.load_data("checkerboard")
     again = ftrain.evaluate(model, data.test, data, pre, seed=ftrain.EVAL_SEED_OFFSET["test"])  # training's seed 0
@@ -115,13 +122,13 @@ def test_training_restores_thread_count(tmp_path, monkeypatch):
     gives the caller's back when it ends."""
     before = torch.get_num_threads()
     seen = []
-    forward = ftrain._Objective.forward
+    forward = loop.Objective.forward
 
     def spy(self, y, logdet):
         seen.append(torch.get_num_threads())
         return forward(self, y, logdet)
 
-    monkeypatch.setattr(ftrain._Objective, "forward", spy)
+    monkeypatch.setattr(loop.Objective, "forward", spy)
     train(_config(tmp_path, steps=2, threads=before + 1), progress=False, plots=False)
     assert seen == [before + 1] * 2 and torch.get_num_threads() == before
 
@@ -190,6 +197,54 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     assert metrics["steps"] == 14 and ftrain.load_checkpoint(str(tmp_path))["step"] == 14
 
 
+class _Stop(Exception):
+    """Raised from inside the loop: a run that stops between checkpoints, like a kill."""
+
+
+def test_adamw_is_chosen_by_name_and_restored_on_resume(tmp_path, monkeypatch):
+    settings = dict(steps=14, eval_every=7, checkpoint_every=5, optimizer="adamw")
+    full = train(_config(tmp_path / "full", **settings), progress=False, plots=False)
+    b = ftrain.load_checkpoint(str(tmp_path / "full"))
+    assert b["config"]["optimizer"] == "adamw" and b["config"]["weight_decay"] == 0.01  # AdamW's default decay
+    assert b["optimizer"]["param_groups"][0]["decoupled_weight_decay"] is True
+
+    # Stop at step 12 (the last checkpoint is step 10), then resume: the run must rebuild AdamW, not Adam.
+    forward, calls = loop.Objective.forward, {"n": 0}
+
+    def stop_at_12(self, y, logdet):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise _Stop
+        return forward(self, y, logdet)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.Objective, "forward", stop_at_12)
+        with pytest.raises(_Stop):
+            train(_config(tmp_path / "stopped", **settings), progress=False, plots=False)
+    assert ftrain.load_checkpoint(str(tmp_path / "stopped"))["step"] == 10
+    with pytest.raises(ValueError, match="cannot resume with optimizer 'adam': the checkpoint's run trains with "
+                                         "'adamw'"):
+        train(TrainConfig(out=str(tmp_path / "stopped"), optimizer="adam", device="cpu"), resume=True,
+              progress=False, plots=False)
+    resumed = train(TrainConfig(out=str(tmp_path / "stopped"), device="cpu"), resume=True, progress=False,
+                    plots=False)
+    a = ftrain.load_checkpoint(str(tmp_path / "stopped"))
+    assert _states_equal(a["state_dict"], b["state_dict"]) and resumed["test_nll"] == full["test_nll"]
+
+    # The name picks the update: Adam with the same decay (an L2 term in the gradient) ends elsewhere.
+    train(_config(tmp_path / "adam", **dict(settings, optimizer="adam", weight_decay=0.01)), progress=False,
+          plots=False)
+    adam = ftrain.load_checkpoint(str(tmp_path / "adam"))
+    assert adam["config"]["optimizer"] == "adam" and not _states_equal(adam["state_dict"], b["state_dict"])
+
+
+def test_optimizer_names_are_checked():
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose one of adam, adamw"):
+        ftrain.resolve_defaults(TrainConfig(optimizer="sgd"), fdata.load_data("moons"))
+    adam = ftrain.resolve_defaults(TrainConfig(), fdata.load_data("moons"))
+    assert (adam.optimizer, adam.weight_decay) == ("adam", 0.0)  # Adam without decay, as before the choice existed
+
+
 # ------------------------------------------------------------------------------------------------
 # A non-finite loss stops the run and keeps the last good checkpoint
 # ------------------------------------------------------------------------------------------------
@@ -197,14 +252,14 @@ def test_resume_can_extend_a_finished_run(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
-    forward = ftrain._Objective.forward
+    forward = loop.Objective.forward
 
     def poisoned(self, y, logdet):
         calls["n"] += 1
         out = forward(self, y, logdet)
         return out * float("nan") if calls["n"] == 13 else out  # the 13th training step's loss
 
-    monkeypatch.setattr(ftrain._Objective, "forward", poisoned)
+    monkeypatch.setattr(loop.Objective, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match=r"non-finite \(nan\) at step 13; the last good checkpoint "
                                                r"\(step 10\) is kept at"):
         train(_config(tmp_path, steps=30, eval_every=100, checkpoint_every=5), progress=False, plots=False)
@@ -268,14 +323,14 @@ def test_learning_rate_schedule():
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "file.bin"
-    ftrain._atomic_write(str(path), lambda f: f.write(b"old"))
+    atomic_write(str(path), lambda f: f.write(b"old"))
 
     def fail(f):
         f.write(b"half-written")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        ftrain._atomic_write(str(path), fail)
+        atomic_write(str(path), fail)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["file.bin"]
 
 
@@ -283,8 +338,8 @@ def test_atomic_write_creates_files_as_open_would(tmp_path):
     """Mode 0o666 less the umask, like open(): a temporary file from mkstemp would leave 0o600 behind."""
     previous = os.umask(0o022)
     try:
-        ftrain._atomic_write(str(tmp_path / "shared.json"), lambda f: f.write(b"{}"))
-        ftrain._atomic_write(str(tmp_path / "shared.json"), lambda f: f.write(b"[]"))  # replacing, too
+        atomic_write(str(tmp_path / "shared.json"), lambda f: f.write(b"{}"))
+        atomic_write(str(tmp_path / "shared.json"), lambda f: f.write(b"[]"))  # replacing, too
     finally:
         os.umask(previous)
     assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644
@@ -294,9 +349,9 @@ def test_atomic_write_creates_files_as_open_would(tmp_path):
 def test_resume_drops_a_log_line_cut_short(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 10, "valid_nll": 1.5}\n{"step": 20, "valid_nll": 1.4}\n{"step": 30, "val')
-    assert ftrain._log_lines_through(str(path), 20) == ['{"step": 10, "valid_nll": 1.5}\n',
+    assert run_directory.log_lines_through(str(path), 20) == ['{"step": 10, "valid_nll": 1.5}\n',
                                                         '{"step": 20, "valid_nll": 1.4}\n']
-    assert len(ftrain._log_lines_through(str(path), 10)) == 1
+    assert len(run_directory.log_lines_through(str(path), 10)) == 1
 
 
 def test_resolve_device_errors_are_clear():
@@ -322,7 +377,7 @@ class _Exploit:
 def test_checkpoint_with_code_is_refused(tmp_path):
     """weights_only loading: a pickle that would run code is rejected, not executed."""
     path, marker = tmp_path / "evil.pt", tmp_path / "pwned"
-    torch.save({"format": ftrain.FORMAT, "payload": _Exploit(marker)}, path)
+    torch.save({"format": checkpoint.FORMAT, "payload": _Exploit(marker)}, path)
     with pytest.raises(ValueError, match="not a readable fastdensity checkpoint"):
         ftrain.load_checkpoint(str(path))
     assert not marker.exists()

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fastdensity import verify
+from fastdensity import op_table, verify
 from fastdensity.commands import verify as verify_cmd
 from fastdensity.kernels import coupling as coupling_kernel
 from helpers import requires_interpreter
@@ -114,25 +114,36 @@ def test_an_exception_while_comparing_fails_only_its_case(monkeypatch):
 
 def test_cases_take_every_op_before_any_op_twice():
     """Round-robin order: a run cut short by its time limit has still checked every op once."""
+    builders = verify.builders()
     for cuda in (False, True):
         device = torch.device("cuda" if cuda else "cpu")
-        names = [c.op for c in verify.cases(device)]
-        assert names[:len(verify.BUILDERS)] == list(verify.BUILDERS)
-        assert sorted(names) == sorted(c.op for build in verify.BUILDERS.values() for c in build(cuda))
+        cases = verify.cases(device)
+        first_of_each = [build(cuda)[0].function for build in builders.values()]
+        assert [c.function for c in cases[:len(builders)]] == first_of_each
+        assert sorted(c.function for c in cases) == sorted(c.function for build in builders.values()
+                                                           for c in build(cuda))
 
 
 def test_every_op_has_cases_on_both_devices():
-    assert set(verify.BUILDERS) == {"affine_coupling", "logsumexp", "gaussian_mixture_log_prob",
-                                    "logistic_mixture_log_prob", "dmol_log_prob", "masked_conv2d", "masked_linear"}
+    assert list(verify.builders()) == op_table.names()
     for cuda in (False, True):
-        for name, build in verify.BUILDERS.items():
+        for name, build in verify.builders().items():
             cases = build(cuda)
             assert len(cases) >= 2, name
+            # every public function of the op is checked
+            assert {c.function for c in cases} == set(op_table.BY_NAME[name].functions), name
             for c in cases:
                 assert c.grad_args and all(i < len(c.arg_names) for i in c.grad_args)
     with pytest.raises(ValueError, match="unknown op nope"):
         verify.cases(CPU, ["nope"])
     assert verify.dtypes_for(CPU) == [torch.float32, torch.float64]
+
+
+def test_op_and_function_names_select_the_same_cases():
+    by_op = [c.label for c in verify.cases(CPU, ["coupling"])]
+    assert by_op and by_op == [c.label for c in verify.cases(CPU, ["affine_coupling"])]
+    assert {c.function for c in verify.cases(CPU, ["mixture"])} == {"gaussian_mixture_log_prob",
+                                                                     "logistic_mixture_log_prob"}
 
 
 def test_cli_reruns_itself_under_the_interpreter(tmp_path):

@@ -7,7 +7,6 @@ densities it adds the true NLL and the KL gap to the truth; ``--json`` prints ev
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -24,13 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastdensity.commands.train import failure
+
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, device=args.device, seed=args.seed)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"fastdensity evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        code, message = failure(exc)
+        if code is None:
+            raise
+        print(f"fastdensity evaluate: {message}", file=sys.stderr)
+        return code
     if args.json:
-        print(json.dumps(result, indent=2))
+        from fastdensity.training import standard_json
+
+        print(standard_json(result, indent=2))
         return 0
     line = (f"{result['model']} on {result['data']} ({result['split']}, {result['examples']:,} examples): "
             f"NLL {result['nll']:.4f} +- {result['nll_stderr']:.4f} nats, {result['bits_per_dim']:.4f} bits/dim "
@@ -42,6 +48,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_seed(seed: int | None) -> None:
+    """ValueError unless ``seed`` is None or an integer in [0, 2**63), the range training's seeds have."""
+    from fastdensity.training import SEED_LIMIT
+
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be in [0, 2**63); got {seed}")
+
+
 def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, split: str = "test", device: str = "auto",
                         seed: int | None = None) -> dict:
     """Score ``checkpoint`` on a split of ``data`` (default: its own data); returns a plain dict.
@@ -51,11 +65,12 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, split: str 
     import os
 
     from fastdensity import data as fdata
-    from fastdensity import train as ftrain
+    from fastdensity import training
 
-    ckpt = ftrain.load_checkpoint(checkpoint)
-    dev = ftrain.resolve_device(device)
-    model, preprocess = ftrain.model_from_checkpoint(ckpt, dev)
+    check_seed(seed)
+    dev = training.resolve_device(device)
+    ckpt = training.load_checkpoint(checkpoint)
+    model, preprocess = training.model_from_checkpoint(ckpt, dev)
     stored = ckpt["data"]
     source = data or stored["source"]
     # The training data (a built-in name, or the same file by another path) gets its training splits back;
@@ -63,14 +78,14 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, split: str 
     same = source == stored["source"] or (
         os.path.exists(source) and os.path.abspath(source) == os.path.abspath(stored["source"]))
     ds = fdata.load_data(source, split_seed=int(stored["split_seed"]) if same else 0)
-    ftrain.check_data_matches(model, preprocess, ds)
+    training.check_data_matches(model, preprocess, ds)
     x = {"test": ds.test, "valid": ds.valid, "train": ds.train}[split]
     if seed is None:
-        seed = int(ckpt["config"]["seed"]) + ftrain.EVAL_SEED_OFFSET[split]
-    result = ftrain.evaluate(model, x, ds, preprocess, device=dev, seed=seed)
+        seed = int(ckpt["config"]["seed"]) + training.EVAL_SEED_OFFSET[split]
+    result = training.evaluate(model, x, ds, preprocess, device=dev, seed=seed)
     out = {"model": model.name, "data": ds.name, "split": split, "nll": result["nll"],
            "nll_stderr": result["nll_stderr"], "bits_per_dim": result["bits_per_dim"],
-           "nll_kind": ftrain.nll_kind(model, ds), "examples": result["examples"], "step": int(ckpt["step"]),
+           "nll_kind": training.nll_kind(model, ds), "examples": result["examples"], "step": int(ckpt["step"]),
            "device": str(dev)}
     true = ds.true_nll()
     if true is not None:

@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``info`` takes no options."""
+    parser.add_argument("--ops", action="store_true",
+                        help="print the op table (each op's functions and files) as markdown instead")
+    parser.add_argument("--readme", metavar="PATH", default=None,
+                        help="with --ops: rewrite the op table between the markers of this README instead")
+    parser.add_argument("--kernels", action="store_true",
+                        help="compile every kernel launch of the verify and GPU benchmark cases for sm_90 (no GPU needed) "
+                             "and print registers, spills, shared memory and occupancy per launch (minutes; cached)")
+    parser.add_argument("--triton-python", metavar="PYTHON", action="append", default=[],
+                        help="with --kernels: also compile under this interpreter's Triton (e.g. the GPU machine's 3.6; "
+                             "it needs only torch and triton installed); repeatable")
+    parser.add_argument("--quick", action="store_true", help="with --kernels: only the CI subset of the launches")
+    parser.add_argument("--problems", action="store_true", help="with --kernels: only the launches over the budget")
 
 
 def _version(module: str) -> str:
@@ -18,6 +30,17 @@ def _version(module: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ops:
+        return _ops_table(args.readme)
+    if args.kernels:
+        from fastdensity.sm90 import table
+
+        text, status = table.report([None, *args.triton_python], quick=args.quick, only_problems=args.problems)
+        print(text)
+        return status
+    if args.readme:
+        print("fastdensity info: --readme goes with --ops", file=sys.stderr)
+        return 2
     import platform
 
     import torch
@@ -54,10 +77,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu() -> str:
-    from fastdensity.benchmarks.harness import _cpu_model
+def _ops_table(readme: str | None) -> int:
+    from fastdensity import op_table
 
-    return _cpu_model()
+    if readme is None:
+        print(op_table.markdown_table())
+        return 0
+    try:
+        changed = op_table.update_readme(readme)
+    except (OSError, ValueError) as exc:
+        print(f"fastdensity info: {exc}", file=sys.stderr)
+        return 2
+    print(f"{readme}: {'op table updated' if changed else 'op table already up to date'}")
+    return 0
+
+
+def _cpu() -> str:
+    from fastdensity.benchmarks.record import cpu_model
+
+    return cpu_model()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
 """``fastdensity sample``: draw samples from a trained checkpoint into a PNG or a .npy file.
 
 ``fastdensity sample runs/maf-digits -n 64 --out digits.png``. Samples are in the data's own space:
-real values for continuous data, integer levels (uint8 when they fit) for discrete data.
+real values for continuous data, integer levels (uint8 when they fit) for discrete data; a .png is a
+grid of them. Autoregressive models sample with their fast exact samplers (:mod:`fastdensity.sampling`:
+cached PixelCNN, incremental MADE), and on a terminal a progress bar counts the sequential steps -
+pixels for PixelCNN, features (per autoregressive transform) for MAF and autoregressive NSF.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+
+#: samples drawn per ``model.sample`` call (each call runs the sampler's sequential loop once)
+DRAW_BATCH = 4096
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,36 +22,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="FILE.png|FILE.npy", help="where to write them")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the draw")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastdensity.commands.train import failure
+
     try:
-        path = sample_checkpoint(args.checkpoint, args.num_samples, args.out, seed=args.seed, device=args.device)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"fastdensity sample: error: {exc}", file=sys.stderr)
-        return 2
+        path = sample_checkpoint(args.checkpoint, args.num_samples, args.out, seed=args.seed, device=args.device,
+                                 progress=not args.no_progress)
+    except Exception as exc:
+        code, message = failure(exc)
+        if code is None:
+            raise
+        print(f"fastdensity sample: {message}", file=sys.stderr)
+        return code
     print(f"wrote {args.num_samples} samples to {path}")
     return 0
 
 
-def sample_checkpoint(checkpoint: str, num_samples: int, out: str, *, seed: int = 0, device: str = "auto") -> str:
-    """Draw ``num_samples`` from ``checkpoint`` and write them to ``out`` (.png or .npy); returns ``out``."""
+def sample_checkpoint(checkpoint: str, num_samples: int, out: str, *, seed: int = 0, device: str = "auto",
+                      progress: bool = False) -> str:
+    """Draw ``num_samples`` from ``checkpoint`` and write them to ``out`` (.png or .npy); returns ``out``.
+    ``progress``: a bar over the sampler's sequential steps on stderr, when that is a terminal."""
     import os
 
     import numpy as np
     import torch
 
-    from fastdensity import train as ftrain
+    from fastdensity import training
+    from fastdensity.atomic_io import atomic_write
+    from fastdensity.commands.evaluate import check_seed
 
+    check_seed(seed)
     if num_samples < 1:
         raise ValueError(f"-n must be >= 1; got {num_samples}")
     ext = os.path.splitext(out)[1].lower()
     if ext not in (".png", ".npy"):
         raise ValueError(f"--out must end in .png or .npy; got {out!r}")
-    ckpt = ftrain.load_checkpoint(checkpoint)
-    model, preprocess = ftrain.model_from_checkpoint(ckpt, ftrain.resolve_device(device))
+    dev = training.resolve_device(device)
+    ckpt = training.load_checkpoint(checkpoint)
+    model, preprocess = training.model_from_checkpoint(ckpt, dev)
     torch.manual_seed(seed)
-    samples = ftrain.draw_samples(model, preprocess, num_samples)
+    with _progress_bar(model, num_samples, enabled=progress):
+        samples = training.draw_samples(model, preprocess, num_samples, batch_size=DRAW_BATCH)
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     if ext == ".npy":
@@ -52,8 +73,26 @@ def sample_checkpoint(checkpoint: str, num_samples: int, out: str, *, seed: int 
         if not samples.is_floating_point():
             levels = ckpt["data"].get("levels") or 0
             array = array.astype(np.uint8 if 0 < levels <= 256 else np.int32)
-        with open(out, "wb") as f:  # a file object: np.save would append ".npy" to a name ending in ".NPY"
-            np.save(f, array, allow_pickle=False)
+        # A file object (np.save would append ".npy" to a name ending in ".NPY"), written atomically.
+        atomic_write(out, lambda f: np.save(f, array, allow_pickle=False), size_hint=array.nbytes)
     else:
-        ftrain.save_samples_png(samples, out, title=f"{model.name} samples ({ckpt['data']['name']})")
+        training.save_samples_png(samples, out, title=f"{model.name} samples ({ckpt['data']['name']})")
     return out
+
+
+def _progress_bar(model, num_samples: int, *, enabled: bool):
+    """A tqdm bar ticked by the sampler once per pixel or feature (``fastdensity.sampling.reporting``);
+    nothing for models that sample in one go, or when disabled or stderr is not a terminal."""
+    from fastdensity import sampling
+
+    steps = sampling.sequential_steps(model) * -(-num_samples // DRAW_BATCH)  # loops x steps per loop
+    if not enabled or steps == 0:
+        return contextlib.nullcontext()
+    from tqdm.auto import tqdm
+
+    unit = "pixel" if model.name == "pixelcnn" else "feature"
+    bar = tqdm(total=steps, desc=f"sampling {model.name}", unit=unit, leave=False, disable=None, file=sys.stderr)
+    stack = contextlib.ExitStack()
+    stack.enter_context(bar)
+    stack.enter_context(sampling.reporting(lambda: bar.update(1)))
+    return stack

@@ -3,9 +3,13 @@
 With no arguments it trains RealNVP on the 2-D checkerboard density for 3000 steps (about a minute
 of one core's time; longer when the machine is busy) and prints the test NLL beside the true NLL of
 the data and the KL gap between them. Writes to ``--out`` (default ``runs/MODEL-DATA``):
-``metrics.json``, ``checkpoint.pt``, ``log.jsonl``, ``samples.png`` and, for 2-D data,
-``density.png`` (the learned density beside the data). The same command under
-``torchrun --nproc_per_node=N`` trains with DistributedDataParallel.
+``metrics.json``, ``checkpoint.pt`` (and the one before it, ``checkpoint.prev.pt``), ``log.jsonl``,
+``samples.png`` and, for 2-D data, ``density.png`` (the learned density beside the data), holding the
+folder's lock (``.lock``) while it runs. The same command under ``torchrun --nproc_per_node=N`` trains
+with DistributedDataParallel.
+
+Errors are one line on stderr: exit status 2 when the run could not start (bad settings, data or
+checkpoint, a folder in use), 1 when it stopped (a non-finite loss, a full disk, out of memory).
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import json
 import os
 import sys
 
-MODELS = ("realnvp", "glow", "maf", "pixelcnn", "gmm")
+MODELS = ("realnvp", "glow", "maf", "nsf", "pixelcnn", "gmm", "tarflow")
+OPTIMIZERS = ("adam", "adamw")  # spelled out, like MODELS, so that --help imports no torch
 DEFAULT_MODEL = "realnvp"
 DEFAULT_DATA = "checkerboard"
 
@@ -45,23 +50,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                   "3000 otherwise)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size (default: 512 for the "
                                                                        "2-D densities, 64 for images, 256 otherwise)")
-    parser.add_argument("--lr", type=float, default=None, help="peak Adam learning rate (default: 2e-3 for the 2-D "
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 for the 2-D "
                                                                 "densities, 1e-3 otherwise)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--out", default=None, metavar="DIR", help="output directory (default runs/MODEL-DATA)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint (model, data and settings come from "
-                             "the checkpoint; --steps may extend it)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of initial weights, batches and noise "
-                                                                "(default 0)")
+                             "the checkpoint; --steps may extend it, re-planning the cosine schedule over the new "
+                             "total)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of initial weights, batches and noise, "
+                                                                "in [0, 2**63) (default 0)")
     parser.add_argument("--set", dest="model_args", type=_key_value, action="append", default=None,
                         metavar="KEY=VALUE", help="model option, repeatable, e.g. --set hidden=64 --set num_layers=8")
     parser.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default steps/10)")
     parser.add_argument("--checkpoint-every", type=int, default=None,
                         help="checkpoint every N steps (default: as --eval-every)")
-    parser.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clip (default 10)")
+    parser.add_argument("--grad-clip", type=float, default=None,
+                        help="gradient-norm clip, > 0 (default 10; inf: no clipping)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up (default 100)")
-    parser.add_argument("--weight-decay", type=float, default=None, help="Adam's L2 weight decay (default 0)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                        help="adam (default) or adamw (decoupled weight decay); with --resume it must be the "
+                             "checkpoint's")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="weight decay: an L2 penalty for adam, decoupled decay for adamw (default: 0 for adam, "
+                             "0.01 for adamw)")
     parser.add_argument("--logit-alpha", type=float, default=None,
                         help="alpha of the logit after dequantization, for continuous models on discrete data; "
                              "0 for no logit (default 0.01)")
@@ -73,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastdensity.train import TrainConfig, TrainingDiverged, train
+    from fastdensity.training import TrainConfig, TrainingDiverged, train
 
     model = args.model or DEFAULT_MODEL
     data = args.data or DEFAULT_DATA
@@ -91,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                  "eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every,
                  "grad_clip": args.grad_clip, "warmup_steps": args.warmup_steps, "logit_alpha": args.logit_alpha,
-                 "weight_decay": args.weight_decay}
+                 "weight_decay": args.weight_decay, "optimizer": args.optimizer}
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)
@@ -101,12 +113,41 @@ def run(args: argparse.Namespace) -> int:
     config.model_args = dict(args.model_args or [])
     try:
         metrics = train(config, resume=args.resume, progress=not args.no_progress, plots=not args.no_plots)
-    except TrainingDiverged as exc:
-        print(f"fastdensity train: {exc}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"fastdensity train: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        code, message = failure(exc)
+        if code is None:
+            raise
+        print(f"fastdensity train: {message}", file=sys.stderr)
+        return code
     if args.json:
-        print(json.dumps(metrics, indent=2))
+        from fastdensity.training import standard_json
+
+        print(standard_json(metrics, indent=2))
     return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (a message that spans lines has them joined)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+def failure(exc: BaseException) -> tuple[int | None, str]:
+    """``(exit status, one-line message)`` for an error a run reports without a traceback; ``(None, "")`` for
+    a bug, which keeps its traceback.
+
+    2: the run could not start (bad settings or data, a folder in use, a damaged checkpoint).
+    1: it started and stopped (a non-finite loss, a full disk, another rank's failure, out of memory).
+    """
+    import torch
+
+    from fastdensity.training import OutputFolderInUse, RankZeroFailed, TrainingDiverged
+
+    if isinstance(exc, TrainingDiverged):
+        return 1, one_line(exc)
+    if isinstance(exc, (ValueError, FileNotFoundError, ImportError, OutputFolderInUse)):
+        return 2, f"error: {one_line(exc)}"
+    if isinstance(exc, (OSError, RankZeroFailed)):  # a full disk (DiskFull), a folder we may not write...
+        return 1, f"error: {one_line(exc)}"
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return 1, f"error: out of memory: {one_line(exc)}"
+    return None, ""

@@ -1,7 +1,7 @@
 """``fastdensity verify``: every kernel against the float64 reference, values and gradients.
 
 Prints one line per output and per input gradient - the kernel's and eager PyTorch's max error
-against the float64 reference and the bound of DESIGN.md §6 - and exits with status 1 when any
+against the float64 reference and the bound of the tolerance rule (docs/design.md, Tests) - and exits with status 1 when any
 check fails. On CUDA it checks realistic shapes in float32, bfloat16, float16 and float64; on a CPU
 the kernels run in Triton's interpreter at tiny shapes in float32 and float64. The cases live in
 :mod:`fastdensity.verify`.
@@ -17,6 +17,8 @@ import os
 import subprocess
 import sys
 
+from fastdensity import op_table
+
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -24,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where the kernels run (default: cuda when available, else cpu via the interpreter)")
     parser.add_argument("--op", nargs="+", metavar="NAME", default=None,
-                        help="ops to check (default: all): affine_coupling logsumexp gaussian_mixture_log_prob "
-                             "logistic_mixture_log_prob dmol_log_prob masked_conv2d masked_linear")
+                        help=f"ops to check (default: all): {' '.join(op_table.names())} "
+                             "(or their functions' names, e.g. affine_coupling)")
     parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=None,
                         help="dtypes to check (default: every dtype the device supports)")
 

@@ -3,14 +3,20 @@
 A model is an ``nn.Module`` built from plain keyword arguments (its *config*, stored in checkpoints)
 with
 
-* ``log_prob(x) -> [B]``: the log-density (continuous models) or log-probability (discrete models)
-  of a batch ``x`` of shape ``[B, *shape]``, in nats;
-* ``sample(n) -> [n, *shape]``: draws from the global torch RNG (seed it with ``torch.manual_seed``);
-* ``initialize(x)``: data-dependent initialisation from a batch (ActNorm statistics, k-means++ for
-  mixtures), run once before training;
+* ``log_prob(x, context=None) -> [B]``: the log-density (continuous models) or log-probability
+  (discrete models) of a batch ``x`` of shape ``[B, *shape]``, in nats;
+* ``sample(n, context=None) -> [n, *shape]``: draws from the global torch RNG (seed it with
+  ``torch.manual_seed``);
+* ``initialize(x, context=None)``: data-dependent initialisation from a batch (ActNorm statistics,
+  k-means++ for mixtures), run once before training;
 * ``config``: the constructor's keyword arguments as plain numbers, strings and lists, so that
   ``type(model)(**model.config)`` rebuilds an untrained copy and checkpoints load with
   ``torch.load(..., weights_only=True)``.
+
+Conditional models. A model built with ``context_features=C`` is a density p(x | c): every call takes a
+context [B, C] with one row per example, and ``sample(n, context)`` returns [len(context), n, *shape]
+(nflows' layout: n samples for each context row). A model built without it refuses a context
+(ValueError), as does a model given a context whose batch size differs from the inputs'.
 
 ``discrete`` models (PixelCNN) take integer levels ``0..levels-1`` and return exact log-probabilities;
 continuous models take real-valued inputs (see :mod:`fastdensity.data` for dequantization).
@@ -23,10 +29,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["DensityModel", "check_shape", "mlp", "ConvNet"]
+__all__ = ["DensityModel", "check_shape", "mlp", "ContextMLP", "ConvNet"]
 
 # Options of the flows that apply to one kind of data only (RealNVP and Glow share them).
-_IMAGE_OPTIONS, _VECTOR_OPTIONS = ("num_blocks", "num_scales"), ("num_hidden", "actnorm")
+_IMAGE_OPTIONS, _VECTOR_OPTIONS = ("num_blocks", "num_scales"), ("num_hidden", "actnorm", "context_features")
 
 
 def check_shape(name: str, shape: Sequence[int], dims: tuple[int, ...]) -> tuple[int, ...]:
@@ -88,6 +94,11 @@ def check_scales(model: str, shape: Sequence[int], num_scales: int, squeezes: in
                          f"divisible by {f}; got shape {list(shape)}")
 
 
+def optional_context_features(value) -> int | None:
+    """``context_features`` as a positive int, or None (an unconditional model)."""
+    return None if value is None else at_least("context_features", value, 1)
+
+
 class DensityModel(nn.Module):
     """Base class of the models: the common interface described in the module docstring."""
 
@@ -95,6 +106,8 @@ class DensityModel(nn.Module):
     name = ""
     #: True when the model takes integer levels and gives exact probabilities
     discrete = False
+    #: C for a conditional model p(x | c) with contexts [B, C]; None for an unconditional one
+    context_features: int | None = None
 
     def __init__(self, shape: Sequence[int], **config):
         super().__init__()
@@ -113,22 +126,48 @@ class DensityModel(nn.Module):
             raise ValueError(f"{type(self).__name__} expects inputs of shape [B, {', '.join(map(str, self.shape))}]; "
                              f"got {list(x.shape)}")
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_context(self, context: torch.Tensor | None, rows: int | None = None) -> None:
+        """ValueError unless ``context`` suits this model: None for an unconditional model, a
+        [rows, context_features] tensor for a conditional one (any number of rows when ``rows`` is None)."""
+        name, c = type(self).__name__, self.context_features
+        if c is None:
+            if context is not None:
+                raise ValueError(f"{name} was built without context_features: it takes no context")
+            return
+        if not isinstance(context, torch.Tensor):
+            raise ValueError(f"{name} was built with context_features={c}: it needs a context tensor [B, {c}]; "
+                             f"got {None if context is None else type(context).__name__}")
+        if context.dim() != 2 or context.shape[1] != c or (rows is not None and context.shape[0] != rows):
+            expected = f"[{'B' if rows is None else rows}, {c}]"
+            raise ValueError(f"{name}: context must have shape {expected} (one row per example); "
+                             f"got {list(context.shape)}")
+
+    def per_context(self, num_samples: int, context: torch.Tensor | None, draw) -> torch.Tensor:
+        """``draw(n, rows)`` -> [n, *shape] samples for n context rows (or n unconditional samples when
+        ``rows`` is None), arranged as nflows does: [num_samples, *shape] without a context,
+        [len(context), num_samples, *shape] with one (each context row repeated for its samples)."""
+        self._check_context(context)
+        if context is None:
+            return draw(num_samples, None)
+        rows = context.repeat_interleave(num_samples, dim=0)
+        return draw(rows.shape[0], rows).reshape(context.shape[0], num_samples, *self.shape)
+
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def sample(self, num_samples: int) -> torch.Tensor:
+    def sample(self, num_samples: int, context: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Same as :meth:`log_prob` (so ``DistributedDataParallel`` hooks the model's main computation)."""
-        return self.log_prob(x)
+        return self.log_prob(x) if context is None else self.log_prob(x, context)
 
     @torch.no_grad()
-    def initialize(self, x: torch.Tensor) -> None:
+    def initialize(self, x: torch.Tensor, context: torch.Tensor | None = None) -> None:
         """Data-dependent initialisation: one forward pass in training mode (sets ActNorm statistics)."""
         was_training = self.training
         self.train()
-        self.log_prob(x)
+        self.log_prob(x) if context is None else self.log_prob(x, context)
         self.train(was_training)
 
     def num_parameters(self) -> int:
@@ -139,11 +178,14 @@ class DensityModel(nn.Module):
 
 
 def mlp(in_features: int, out_features: int, hidden_features: int, num_hidden: int = 2,
-        zero_last: bool = True) -> nn.Sequential:
+        zero_last: bool = True, context_features: int | None = None) -> nn.Module:
     """``num_hidden`` ReLU layers of ``hidden_features``; the last layer starts at zero when ``zero_last``
-    so that a coupling built on it starts as the identity (a stable first step)."""
+    so that a coupling built on it starts as the identity (a stable first step).
+
+    With ``context_features`` the network is a :class:`ContextMLP`: ``forward(x, context)`` reads the
+    context [B, C] beside x."""
     layers: list[nn.Module] = []
-    width = in_features
+    width = in_features + (context_features or 0)
     for _ in range(num_hidden):
         layers += [nn.Linear(width, hidden_features), nn.ReLU()]
         width = hidden_features
@@ -151,7 +193,14 @@ def mlp(in_features: int, out_features: int, hidden_features: int, num_hidden: i
     if zero_last:
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
-    return nn.Sequential(*layers, last)
+    return nn.Sequential(*layers, last) if context_features is None else ContextMLP(*layers, last)
+
+
+class ContextMLP(nn.Sequential):
+    """An MLP on ``[x, context]`` concatenated: ``forward(x [B, n], context [B, C]) -> [B, out]``."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(torch.cat([x, context.to(x.dtype)], dim=-1))
 
 
 class ConvNet(nn.Module):

@@ -11,7 +11,8 @@ Gaussian at the top (see :mod:`fastdensity.models.multiscale`). The coupling net
 ``sigmoid(u + 2) + 1e-3`` (the fused op's "sigmoid").
 
 Vectors [B, D]: the same steps with MLP couplings (the 1x1 convolution becomes a learned invertible
-D x D matrix) and a learned diagonal Gaussian base; no multi-scale.
+D x D matrix) and a learned diagonal Gaussian base; no multi-scale. With ``context_features=C`` the
+coupling MLPs also read the context: a conditional density p(x | c).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import nn as fnn
-from .base import (ConvNet, at_least, check_scales, check_shape, halvings, mlp, reject_other_kind_options,
-                   vector_coupling_args)
+from .base import (ConvNet, at_least, check_scales, check_shape, halvings, mlp, optional_context_features,
+                   reject_other_kind_options, vector_coupling_args)
 from .multiscale import FactorOut, FlowModel, GaussianPrior, MultiScaleFlow
 
 __all__ = ["Glow"]
@@ -46,16 +47,23 @@ class Glow(FlowModel):
         num_scales: images only: levels, each starting with a squeeze, so H and W must be divisible by
             2^num_scales (default: as many as leave at least 2 x 2 pixels, at most 3).
         scale: coupling scale function, ``"sigmoid"`` (Glow's, default), ``"softclamp"`` or ``"exp"``.
+        context_features: vectors only: C, for a conditional model p(x | c) with contexts [B, C]; every
+            coupling MLP reads the context (ActNorm and the 1x1 convolutions do not depend on it).
+        memory: ``"store"`` (default) or ``"invert"``: backward rebuilds each level's inputs from its output
+            instead of storing its activations (:mod:`fastdensity.nn.invertible_memory`); the same
+            gradients, activation memory per level independent of ``num_steps``.
     """
 
     name = "glow"
 
     def __init__(self, shape: Sequence[int], *, num_steps: Optional[int] = None, hidden: Optional[int] = None,
                  num_hidden: Optional[int] = None, num_blocks: Optional[int] = None,
-                 num_scales: Optional[int] = None, scale: str = "sigmoid"):
+                 num_scales: Optional[int] = None, scale: str = "sigmoid", context_features: Optional[int] = None,
+                 memory: str = "store"):
         shape = check_shape("Glow", shape, (1, 3))
         image = len(shape) == 3
-        reject_other_kind_options("Glow", image, num_hidden=num_hidden, num_blocks=num_blocks, num_scales=num_scales)
+        reject_other_kind_options("Glow", image, num_hidden=num_hidden, num_blocks=num_blocks, num_scales=num_scales,
+                                  context_features=context_features)
         num_steps = (4 if image else 8) if num_steps is None else int(num_steps)
         hidden = (64 if image else 128) if hidden is None else int(hidden)
         if num_steps < 1 or hidden < 1:
@@ -66,19 +74,23 @@ class Glow(FlowModel):
             num_scales = max(1, halvings(shape, smallest=2, most=3)) if num_scales is None else int(num_scales)
             check_scales("Glow", shape, num_scales, squeezes=num_scales)
             super().__init__(shape, num_steps=num_steps, hidden=hidden, num_blocks=num_blocks,
-                             num_scales=num_scales, scale=scale)
-            self.flow = self._image_flow(shape, num_steps, hidden, num_blocks, num_scales, scale)
+                             num_scales=num_scales, scale=scale, memory=memory)
+            self.flow = self._image_flow(shape, num_steps, hidden, num_blocks, num_scales, scale, memory)
         else:
             d, num_hidden = vector_coupling_args("Glow", shape, num_hidden)
-            super().__init__(shape, num_steps=num_steps, hidden=hidden, num_hidden=num_hidden, scale=scale)
-            net = lambda i, o: mlp(i, o, hidden, num_hidden)  # noqa: E731
+            context_features = optional_context_features(context_features)
+            super().__init__(shape, num_steps=num_steps, hidden=hidden, num_hidden=num_hidden, scale=scale,
+                             context_features=context_features, memory=memory)
+            self.context_features = context_features
+            net = lambda i, o: mlp(i, o, hidden, num_hidden, context_features=context_features)  # noqa: E731
             steps: list[fnn.Transform] = []
             for _ in range(num_steps):
                 steps += [fnn.ActNorm(d), fnn.InvConv1x1(d), fnn.AffineCoupling(_half_mask(d), net, scale=scale)]
-            self.flow = MultiScaleFlow([fnn.CompositeTransform(steps)], [], GaussianPrior((d,), learned=True))
+            self.flow = MultiScaleFlow([fnn.CompositeTransform(steps, memory=memory)], [],
+                                       GaussianPrior((d,), learned=True))
 
     @staticmethod
-    def _image_flow(shape, num_steps, hidden, num_blocks, num_scales, scale):
+    def _image_flow(shape, num_steps, hidden, num_blocks, num_scales, scale, memory):
         c, h, w = shape
         levels, splits = [], []
         net = lambda i, o: ConvNet(i, o, hidden, num_blocks)  # noqa: E731
@@ -87,7 +99,7 @@ class Glow(FlowModel):
             steps: list[fnn.Transform] = [fnn.Squeeze()]
             for _ in range(num_steps):
                 steps += [fnn.ActNorm(c), fnn.InvConv1x1(c), fnn.AffineCoupling(_half_mask(c), net, scale=scale)]
-            levels.append(fnn.CompositeTransform(steps))
+            levels.append(fnn.CompositeTransform(steps, memory=memory))
             if s < num_scales - 1:
                 splits.append(FactorOut((c, h, w), learned=True))
                 c = splits[-1].keep

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from .. import nn as fnn
+from .._validation import check_int
 from .base import DensityModel, check_shape
 
 __all__ = ["GaussianMixture"]
@@ -40,13 +41,14 @@ class GaussianMixture(DensityModel):
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        return self.mixture.log_prob(x.reshape(x.shape[0], -1))
+        return self.mixture.log_prob(x.reshape(x.shape[0], self.dim))  # (-1 is ambiguous for an empty batch)
 
     def sample(self, num_samples: int) -> torch.Tensor:
-        return self.mixture.sample(int(num_samples)).view(num_samples, *self.shape)
+        num_samples = check_int("num_samples", num_samples, minimum=0)
+        return self.mixture.sample(num_samples).view(num_samples, *self.shape)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         self._check_input(x)
         seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.mixture.init_from_data(x.reshape(x.shape[0], -1), generator=torch.Generator().manual_seed(seed))
+        self.mixture.init_from_data(x.reshape(x.shape[0], self.dim), generator=torch.Generator().manual_seed(seed))

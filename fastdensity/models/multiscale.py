@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._validation import check_int
 from ..nn import Transform
-from ..nn.base import zero_logdet
+from ..nn.base import reject_context, zero_logdet
 from .base import DensityModel
 
 __all__ = ["checkerboard_mask", "CheckerboardCoupling", "GaussianPrior", "FactorOut", "MultiScaleFlow", "FlowModel"]
@@ -53,6 +54,8 @@ class CheckerboardCoupling(Transform):
     scale with s(0) = 1: ``"softclamp"`` (default) or ``"exp"``.
     """
 
+    conditional = False  # its net sees the image and the mask only: a context given to it is an error
+
     def __init__(self, channels: int, parity: int, net: nn.Module, scale: str = "softclamp", clamp: float = 2.0):
         super().__init__()
         if scale not in ("softclamp", "exp"):
@@ -73,9 +76,11 @@ class CheckerboardCoupling(Transform):
         return ops.affine_coupling(x, shift, scale_raw, scale=self.scale, inverse=inverse, clamp=self.clamp)
 
     def forward(self, inputs, context=None):
+        reject_context(self, context)
         return self._run(inputs, inverse=False)
 
     def inverse(self, inputs, context=None):
+        reject_context(self, context)
         return self._run(inputs, inverse=True)
 
 
@@ -106,7 +111,8 @@ class GaussianPrior(nn.Module):
 
     def log_prob(self, z: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         u, logdet = self.standardize(z)
-        return -0.5 * u.pow(2).flatten(1).sum(1) + logdet - HALF_LOG_2PI * u[0].numel()
+        # math.prod(shape[1:]), not u[0].numel(): an empty batch has no u[0] and gets an empty result.
+        return -0.5 * u.pow(2).flatten(1).sum(1) + logdet - HALF_LOG_2PI * math.prod(u.shape[1:])
 
 
 class FactorOut(nn.Module):
@@ -153,7 +159,8 @@ class FactorOut(nn.Module):
 
     def log_prob(self, z: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         u, logdet = self.standardize(z, kept)
-        return -0.5 * u.pow(2).flatten(1).sum(1) + logdet - HALF_LOG_2PI * u[0].numel()
+        # math.prod(shape[1:]), not u[0].numel(): an empty batch has no u[0] and gets an empty result.
+        return -0.5 * u.pow(2).flatten(1).sum(1) + logdet - HALF_LOG_2PI * math.prod(u.shape[1:])
 
 
 class MultiScaleFlow(nn.Module):
@@ -173,13 +180,13 @@ class MultiScaleFlow(nn.Module):
         self.splits = nn.ModuleList(splits)
         self.prior = prior
 
-    def _walk(self, x, standardize: bool):
+    def _walk(self, x, standardize: bool, context=None):
         """Run the levels; returns the per-example log-density (or the noise parts and the log-det)."""
         h = x
         total = zero_logdet(x)
         parts = []
         for i, level in enumerate(self.levels):
-            h, logdet = level(h)
+            h, logdet = level(h, context)
             total = total + logdet
             if i < len(self.splits):
                 h, z = self.splits[i].split(h)
@@ -195,15 +202,15 @@ class MultiScaleFlow(nn.Module):
             return torch.cat(parts, dim=1), total + ld
         return total + self.prior.log_prob(h)
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return self._walk(x, standardize=False)
+    def log_prob(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._walk(x, standardize=False, context=context)
 
-    def to_noise(self, x: torch.Tensor):
+    def to_noise(self, x: torch.Tensor, context: Optional[torch.Tensor] = None):
         """``(eps [B, D], logdet [B])``: every factored-out part (in level order) and then the top, each
         standardised by its prior, so that ``log_prob(x) = log N(eps; 0, I) + logdet``."""
-        return self._walk(x, standardize=True)
+        return self._walk(x, standardize=True, context=context)
 
-    def from_noise(self, eps: torch.Tensor) -> torch.Tensor:
+    def from_noise(self, eps: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The inverse of :meth:`to_noise`: eps [B, D] -> x."""
         sizes = [math.prod(s.out_shape) for s in self.splits] + [math.prod(self.prior.shape)]
         if eps.dim() != 2 or eps.shape[1] != sum(sizes):
@@ -216,18 +223,20 @@ class MultiScaleFlow(nn.Module):
                 split = self.splits[i]
                 z = split.unstandardize(parts[i].reshape(b, *split.out_shape), h)
                 h = torch.cat([h, z], dim=1)
-            h, _ = self.levels[i].inverse(h)
+            h, _ = self.levels[i].inverse(h, context)
         return h
 
     @property
     def noise_features(self) -> int:
         return sum(math.prod(s.out_shape) for s in self.splits) + math.prod(self.prior.shape)
 
-    def sample(self, num_samples: int, temperature: float = 1.0) -> torch.Tensor:
-        """``from_noise(temperature * N(0, I))``: each prior's standard deviation scaled by ``temperature``."""
+    def sample(self, num_samples: int, temperature: float = 1.0,
+               context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``from_noise(temperature * N(0, I))``: each prior's standard deviation scaled by ``temperature``;
+        ``context`` [num_samples, C] holds each sample's context (conditional levels)."""
         ref = self.prior.mean
         eps = torch.randn(num_samples, self.noise_features, dtype=ref.dtype, device=ref.device)
-        return self.from_noise(temperature * eps)
+        return self.from_noise(temperature * eps, context)
 
 
 class FlowModel(DensityModel):
@@ -241,19 +250,28 @@ class FlowModel(DensityModel):
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        return x.reshape(x.shape[0], -1) if self.flatten else x
+        return x.reshape(x.shape[0], self.dim) if self.flatten else x  # (-1 is ambiguous for an empty batch)
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return self.flow.log_prob(self._in(x))
+    def log_prob(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self._in(x)
+        self._check_context(context, rows=x.shape[0])
+        return self.flow.log_prob(x, context)
 
-    def to_noise(self, x: torch.Tensor):
+    def to_noise(self, x: torch.Tensor, context: Optional[torch.Tensor] = None):
         """``(eps [B, D], logdet [B])`` with ``log_prob(x) = log N(eps; 0, I) + logdet``."""
-        return self.flow.to_noise(self._in(x))
+        x = self._in(x)
+        self._check_context(context, rows=x.shape[0])
+        return self.flow.to_noise(x, context)
 
-    def from_noise(self, eps: torch.Tensor) -> torch.Tensor:
+    def from_noise(self, eps: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The inverse of :meth:`to_noise`: eps [B, D] -> x [B, *shape]."""
-        return self.flow.from_noise(eps).reshape(eps.shape[0], *self.shape)
+        self._check_context(context, rows=eps.shape[0])
+        return self.flow.from_noise(eps, context).reshape(eps.shape[0], *self.shape)
 
-    def sample(self, num_samples: int, temperature: float = 1.0) -> torch.Tensor:
-        """Samples [n, *shape]; ``temperature`` scales the standard deviation of every prior."""
-        return self.flow.sample(int(num_samples), temperature).reshape(int(num_samples), *self.shape)
+    def sample(self, num_samples: int, context: Optional[torch.Tensor] = None,
+               temperature: float = 1.0) -> torch.Tensor:
+        """Samples [n, *shape] ([len(context), n, *shape] given a context); ``temperature`` scales the
+        standard deviation of every prior."""
+        num_samples = check_int("num_samples", num_samples, minimum=0)
+        draw = lambda n, rows: self.flow.sample(n, temperature, rows).reshape(n, *self.shape)  # noqa: E731
+        return self.per_context(num_samples, context, draw)

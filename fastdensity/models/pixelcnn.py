@@ -23,8 +23,10 @@ grid) the head's probabilities are renormalised over the L grid points each pixe
 
 so the model is an exact distribution over the L levels (the unused grid points get no mass).
 
-Sampling generates pixel by pixel in raster order. It reuses work by computing each pixel's
-parameters on the smallest window that determines them exactly: the receptive field reaches
+Sampling generates pixel by pixel in raster order. By default every activation is computed once
+(:mod:`fastdensity.sampling.pixelcnn_cache`: each layer at the new pixel's position only, from
+caches of the layers below), about one forward pass of work per image. ``method="window"`` computes
+each pixel's parameters on the smallest window that determines them exactly: the receptive field reaches
 ``R = k // 2 + num_blocks`` rows up and R columns to either side, and a window's border errors
 (zero padding where real pixels are) travel inwards by the same R, so the window rows
 ``[i - R, i]`` x columns ``[j - R, j + R]`` gives pixel (i, j) its exact parameters. On images larger
@@ -40,6 +42,7 @@ from torch import nn
 
 from .. import nn as fnn
 from .._dtypes import acc_dtype
+from .._validation import check_int
 from .base import DensityModel, check_shape
 
 __all__ = ["GatedResidualBlock", "PixelCNN"]
@@ -179,16 +182,15 @@ class PixelCNN(DensityModel):
         return params[:, :, i - r0:i - r0 + 1, j - c0:j - c0 + 1]
 
     @torch.no_grad()
-    def sample(self, num_samples: int) -> torch.Tensor:
-        c, h, w = self.shape
-        v = torch.zeros((num_samples, c, h, w), dtype=torch.long, device=self.grid_values.device)
-        for i in range(h):
-            for j in range(w):
-                params = self._window_params(v, i, j)
-                if self.renormalize:
-                    logits = self._level_log_probs(params)[:, :, 0, 0].t()  # [B, L]
-                    v[:, 0, i, j] = torch.multinomial(torch.softmax(logits.double(), dim=1), 1).squeeze(1)
-                else:
-                    x = self.head.sample(params)  # on the grid: 2 g / (2^b - 1) - 1, and L = 2^b
-                    v[:, :, i, j] = torch.round((x[:, :, 0, 0] + 1) * ((self.levels - 1) / 2)).long()
-        return v
+    def sample(self, num_samples: int, *, method: str = "cached") -> torch.Tensor:
+        """``num_samples`` images [n, C, H, W] of int64 levels, pixel by pixel in raster order.
+
+        ``method``: ``"cached"`` (default; every activation computed once, about one forward pass of
+        work in all: :mod:`fastdensity.sampling.pixelcnn_cache`), ``"naive"`` (the whole network per
+        pixel, H * W passes: the reference) or ``"window"`` (the network on each pixel's exact window).
+        All three consume the random stream identically: the same seed gives the same images, up to
+        draws that round-off in the parameters flips (float32)."""
+        num_samples = check_int("num_samples", num_samples, minimum=0)
+        from ..sampling import sample_pixelcnn
+
+        return sample_pixelcnn(self, num_samples, method)

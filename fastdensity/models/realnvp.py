@@ -5,6 +5,8 @@ Vectors [B, D]::
     ActNorm -> num_layers x AffineCoupling(mask_k, MLP)       mask_k = features with (d + k) even stay
     log p(x) = log N(f(x); 0, I) + log |det df/dx|
 
+(with ``context_features=C``, a conditional density p(x | c): each MLP reads [x_kept, c]).
+
 Images [B, C, H, W], ``num_scales`` levels; every level but the last is
 
     3 x (ActNorm, CheckerboardCoupling)  ->  Squeeze  ->  3 x (ActNorm, channel AffineCoupling)  ->  factor out half
@@ -26,8 +28,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import nn as fnn
-from .base import (ConvNet, at_least, check_scales, check_shape, halvings, mlp, reject_other_kind_options,
-                   vector_coupling_args)
+from .base import (ConvNet, at_least, check_scales, check_shape, halvings, mlp, optional_context_features,
+                   reject_other_kind_options, vector_coupling_args)
 from .multiscale import CheckerboardCoupling, FactorOut, FlowModel, GaussianPrior, MultiScaleFlow
 
 __all__ = ["RealNVP"]
@@ -64,6 +66,11 @@ class RealNVP(FlowModel):
         scale: the coupling's scale function, ``"softclamp"`` (default) or ``"exp"``; vectors may also
             use ``"sigmoid"``.
         actnorm: vectors only: standardise the input with an ActNorm first (default True).
+        context_features: vectors only: C, for a conditional model p(x | c) with contexts [B, C]; every
+            coupling MLP reads the context beside the part of x it conditions on.
+        memory: ``"store"`` (default) or ``"invert"``: backward rebuilds each level's inputs from its output
+            instead of storing its activations (:mod:`fastdensity.nn.invertible_memory`); the same
+            gradients, activation memory per level independent of ``num_layers``.
 
     Size-matched to peers: ``RealNVP([D], num_layers=L, hidden=H, num_hidden=2, scale="sigmoid")`` has
     the couplings and parameter count of zuko's ``RealNVP(D, transforms=L, hidden_features=[H, H])``;
@@ -76,11 +83,12 @@ class RealNVP(FlowModel):
 
     def __init__(self, shape: Sequence[int], *, num_layers: Optional[int] = None, hidden: Optional[int] = None,
                  num_hidden: Optional[int] = None, num_blocks: Optional[int] = None,
-                 num_scales: Optional[int] = None, scale: str = "softclamp", actnorm: Optional[bool] = None):
+                 num_scales: Optional[int] = None, scale: str = "softclamp", actnorm: Optional[bool] = None,
+                 context_features: Optional[int] = None, memory: str = "store"):
         shape = check_shape("RealNVP", shape, (1, 3))
         image = len(shape) == 3
         reject_other_kind_options("RealNVP", image, num_hidden=num_hidden, num_blocks=num_blocks, num_scales=num_scales,
-                                  actnorm=actnorm)
+                                  actnorm=actnorm, context_features=context_features)
         num_layers = (3 if image else 12) if num_layers is None else int(num_layers)
         hidden = (64 if image else 128) if hidden is None else int(hidden)
         if num_layers < 1 or hidden < 1:
@@ -94,21 +102,23 @@ class RealNVP(FlowModel):
                 raise ValueError(f"RealNVP on images needs scale 'softclamp' or 'exp' (the checkerboard coupling "
                                  f"needs s(0) = 1); got {scale!r}")
             super().__init__(shape, num_layers=num_layers, hidden=hidden, num_blocks=num_blocks,
-                             num_scales=num_scales, scale=scale)
-            self.flow = self._image_flow(shape, num_layers, hidden, num_blocks, num_scales, scale)
+                             num_scales=num_scales, scale=scale, memory=memory)
+            self.flow = self._image_flow(shape, num_layers, hidden, num_blocks, num_scales, scale, memory)
         else:
             d, num_hidden = vector_coupling_args("RealNVP", shape, num_hidden)
             actnorm = True if actnorm is None else bool(actnorm)
+            context_features = optional_context_features(context_features)
             super().__init__(shape, num_layers=num_layers, hidden=hidden, num_hidden=num_hidden, scale=scale,
-                             actnorm=actnorm)
-            net = lambda i, o: mlp(i, o, hidden, num_hidden)  # noqa: E731
+                             actnorm=actnorm, context_features=context_features, memory=memory)
+            self.context_features = context_features
+            net = lambda i, o: mlp(i, o, hidden, num_hidden, context_features=context_features)  # noqa: E731
             transforms = [fnn.ActNorm(d)] if actnorm else []
             transforms += [fnn.AffineCoupling(alternating_mask(d, k), net, scale=scale) for k in range(num_layers)]
             # One level and no split: an ordinary flow, log N(f(x); 0, I) + log|det df/dx|.
-            self.flow = MultiScaleFlow([fnn.CompositeTransform(transforms)], [], GaussianPrior((d,)))
+            self.flow = MultiScaleFlow([fnn.CompositeTransform(transforms, memory=memory)], [], GaussianPrior((d,)))
 
     @staticmethod
-    def _image_flow(shape, num_layers, hidden, num_blocks, num_scales, scale):
+    def _image_flow(shape, num_layers, hidden, num_blocks, num_scales, scale, memory):
         c, h, w = shape
         levels, splits = [], []
         for s in range(num_scales):
@@ -124,7 +134,7 @@ class RealNVP(FlowModel):
                 for k in range(num_layers):
                     steps += [fnn.ActNorm(c), fnn.AffineCoupling(channel_mask(c, k), net, scale=scale)]
                 splits.append(FactorOut((c, h, w), learned=False))
-            levels.append(fnn.CompositeTransform(steps))
+            levels.append(fnn.CompositeTransform(steps, memory=memory))
             if not last:
                 c = splits[-1].keep
         return MultiScaleFlow(levels, splits, GaussianPrior((c, h, w), learned=False))

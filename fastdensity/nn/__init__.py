@@ -1,8 +1,10 @@
 """Layers built on ``fastdensity.ops``: invertible transforms for flows, masked autoregressive layers
 and mixture densities. Every transform maps data -> noise in ``forward(x, context=None) -> (z, logabsdet)``
-and back in ``inverse(z, context=None) -> (x, logabsdet)``, as in nflows.
+and back in ``inverse(z, context=None) -> (x, logabsdet)``, as in nflows; a transform that cannot use a
+context refuses one (``conditional = False``) rather than ignoring it (see :mod:`fastdensity.nn.base`).
 """
 
+from .autoregressive import MaskedAffineAutoregressive, MaskedAffineAutoregressiveTransform
 from .base import CompositeTransform, InverseTransform, Transform
 from .coupling import AdditiveCoupling, AffineCoupling
 from .dmol import DiscretizedLogisticMixture
@@ -14,3 +16,5 @@ from .mixtures import GaussianMixture
 from .normalization import ActNorm
 from .permutations import Permutation, RandomPermutation, ReversePermutation
 from .reshape import Squeeze
+from .spline import (MaskedPiecewiseRationalQuadraticAutoregressive, PiecewiseRationalQuadraticCDF,
+                     PiecewiseRationalQuadraticCoupling)

@@ -1,10 +1,22 @@
-"""The transform interface shared by every invertible layer, and composition.
+"""The transform interface shared by every invertible layer, the context rules, and composition.
 
 Conventions (nflows'): ``forward`` maps data to noise, ``inverse`` noise to data, and both return
 ``(outputs, logabsdet)`` with ``logabsdet`` of shape [B]: log |det d outputs / d inputs| per sample.
+
+Context. Every transform takes ``context`` ([B, ...], one row per input row, or None) and either uses
+it or refuses it - a context is never silently ignored:
+
+* ``conditional`` (a bool attribute) says whether a transform uses a context. Layers that cannot
+  (ActNorm, permutations, squeezes, 1x1 convolutions) set it to False and raise ValueError when
+  given one; conditional layers raise when its batch size differs from the inputs'.
+* :class:`CompositeTransform` hands the context to the members that use it (nflows hands it to all,
+  and the rest drop it) and raises when none does.
+* A transform that does not say (``conditional`` missing, as in a user's or a peer library's class)
+  is taken to use the context it is given: it is passed on, never dropped.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -12,15 +24,44 @@ from torch import nn
 
 from .._dtypes import acc_dtype
 
-__all__ = ["Transform", "CompositeTransform", "InverseTransform"]
+__all__ = ["Transform", "CompositeTransform", "InverseTransform", "uses_context", "check_context",
+           "reject_context"]
+
+
+def uses_context(module) -> bool:
+    """Whether ``module`` takes a context: its ``conditional`` attribute, True where it has none."""
+    return bool(getattr(module, "conditional", True))
+
+
+def check_context(inputs: torch.Tensor, context: torch.Tensor | None, who: str = "transform") -> None:
+    """ValueError unless ``context`` is None or a tensor with one row per row of ``inputs``."""
+    if context is None:
+        return
+    if not isinstance(context, torch.Tensor):
+        raise TypeError(f"{who}: context must be a torch.Tensor or None; got {type(context).__name__}")
+    if context.dim() == 0 or context.shape[0] != inputs.shape[0]:
+        raise ValueError(f"{who}: context must have one row per input row: inputs have batch size "
+                         f"{inputs.shape[0]}, context has shape {tuple(context.shape)}")
+
+
+def reject_context(layer: nn.Module, context) -> None:
+    """ValueError when a context reaches a layer that cannot use one (``conditional = False``)."""
+    if context is not None:
+        raise ValueError(f"{type(layer).__name__} does not use a context (it is the same map for every "
+                         f"context); pass context=None, or put it in a CompositeTransform, which hands the "
+                         f"context only to the layers that use it")
 
 
 class Transform(nn.Module):
     """Base class: an invertible map with a tractable log-determinant.
 
     Subclasses implement ``forward(x, context=None) -> (z, logabsdet)`` (data -> noise) and
-    ``inverse(z, context=None) -> (x, logabsdet)``, where ``logabsdet`` is [B].
+    ``inverse(z, context=None) -> (x, logabsdet)``, where ``logabsdet`` is [B], and set
+    ``conditional`` (see the module docstring): True here, so a subclass that says nothing receives
+    the context and is trusted to use it.
     """
+
+    conditional: bool = True
 
     def forward(self, inputs: torch.Tensor, context: torch.Tensor | None = None):
         raise NotImplementedError(f"{type(self).__name__} must implement forward(inputs, context=None)")
@@ -47,12 +88,43 @@ def per_position_logdet(log_scales: torch.Tensor, x: torch.Tensor) -> torch.Tens
 class CompositeTransform(Transform):
     """Apply transforms in sequence; the log-dets add (starting from zeros, as in nflows).
 
-    ``inverse`` runs the inverses in reverse order.
+    ``inverse`` runs the inverses in reverse order. A context goes to the members that use it
+    (:func:`uses_context`); a context given to a composite none of whose members uses one is a
+    ValueError, as is one whose batch size differs from the inputs'.
+
+    ``memory`` sets what the forward pass keeps for backward: ``"store"`` (default) every member's
+    activations, as autograd does; ``"invert"`` only the output of each run of invertible members, whose
+    inputs backward rebuilds with their inverses, one member at a time (see
+    :mod:`fastdensity.nn.invertible_memory`). A member that cannot be rebuilt cheaply is stored, with a
+    warning that names it. Gradients are the same either way (to round-off); only ``forward`` under
+    autograd changes, ``inverse`` and gradient-free calls are the same code for both.
     """
 
-    def __init__(self, transforms: Iterable[Transform]):
+    def __init__(self, transforms: Iterable[Transform], memory: str = "store"):
         super().__init__()
         self._transforms = nn.ModuleList(transforms)
+        self.memory = memory
+
+    @property
+    def memory(self) -> str:
+        """``"store"`` or ``"invert"``; setting ``"invert"`` warns about members that will be stored."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, value: str) -> None:
+        from .invertible_memory import check_memory, describe_stored, rebuild_problem
+
+        self._memory = check_memory(value)
+        if value == "invert":
+            problems = [rebuild_problem(t) for t in self._transforms]
+            if any(problems):
+                warnings.warn(f"CompositeTransform(memory='invert'): {describe_stored(self._transforms, problems)} "
+                              f"cannot be rebuilt from its output, so it stores its activations as with "
+                              f"memory='store'; the other members are inverted", RuntimeWarning, stacklevel=3)
+
+    @property
+    def conditional(self) -> bool:
+        return any(uses_context(t) for t in self._transforms)
 
     def __len__(self) -> int:
         return len(self._transforms)
@@ -60,15 +132,27 @@ class CompositeTransform(Transform):
     def __getitem__(self, index: int) -> Transform:
         return self._transforms[index]
 
-    @staticmethod
-    def _cascade(x, transforms, context, direction: str):
+    def _check(self, x, context):
+        check_context(x, context, "CompositeTransform")
+        if context is not None and not self.conditional:
+            raise ValueError("CompositeTransform: a context was given but none of its transforms uses one "
+                             f"({', '.join(type(t).__name__ for t in self._transforms)})")
+
+    def _cascade(self, x, transforms, context, direction: str):
+        self._check(x, context)
         total = zero_logdet(x)
         for transform in transforms:
-            x, logabsdet = getattr(transform, direction)(x, context)
+            x, logabsdet = getattr(transform, direction)(x, context if uses_context(transform) else None)
             total = total + logabsdet
         return x, total
 
     def forward(self, inputs, context=None):
+        if self._memory == "invert" and torch.is_grad_enabled():
+            from .invertible_memory import forward_by_inversion, rebuild_problem
+
+            self._check(inputs, context)
+            steps = list(self._transforms)
+            return forward_by_inversion(steps, inputs, context, self, [rebuild_problem(t) for t in steps])
         return self._cascade(inputs, self._transforms, context, "forward")
 
     def inverse(self, inputs, context=None):
@@ -81,6 +165,10 @@ class InverseTransform(Transform):
     def __init__(self, transform: Transform):
         super().__init__()
         self._transform = transform
+
+    @property
+    def conditional(self) -> bool:
+        return uses_context(self._transform)
 
     def forward(self, inputs, context=None):
         return self._transform.inverse(inputs, context)

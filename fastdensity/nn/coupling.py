@@ -4,15 +4,20 @@ A binary ``mask`` over features ([B, D] inputs) or channels ([B, C, H, W] inputs
 with mask <= 0 pass through unchanged (the identity part) and condition a network whose output sets
 the shift and scale of the entries with mask > 0 (the transformed part)::
 
-    h                 = net(x[identity])             # [B, 2 * n_transform, ...]   (+ context)
+    h                 = net(x[identity], context)    # [B, 2 * n_transform, ...]; net(x[identity]) without one
     shift, scale_raw  = h[:, :n], h[:, n:]            # nflows' order: shift first
     y[transform]      = x[transform] * scale(scale_raw) + shift
     logabsdet         = sum log scale(scale_raw)
 
 The shift/scale halves are passed to the op as views of ``h``: no copies.
+
+Context: the layer is conditional when its network's ``forward`` takes a second positional argument
+(``forward(x, context)`` or ``forward(x, context=None)``, as nflows' nets); a context given to a layer
+whose network takes none is a ValueError, never dropped.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -20,7 +25,7 @@ from torch import nn
 
 from .. import ops
 from ..reference.coupling import DEFAULT_CLAMP, SCALES
-from .base import Transform
+from .base import Transform, check_context
 
 __all__ = ["AffineCoupling", "AdditiveCoupling"]
 
@@ -34,6 +39,18 @@ def _as_index_or_slice(index: torch.Tensor):
     if n and step > 0 and torch.equal(index, torch.arange(start, start + step * n, step)):
         return slice(start, start + step * (n - 1) + 1, step)
     return None
+
+
+def takes_context(net) -> bool:
+    """Whether ``net(x, context)`` is a valid call: its ``forward`` (or the callable itself) accepts a
+    second positional argument. Checked once, when the layer is built."""
+    target = net.forward if isinstance(net, nn.Module) else net
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: assume it takes what it is given
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 class _Coupling(Transform):
@@ -59,6 +76,7 @@ class _Coupling(Transform):
         self.num_transform_features = transform.numel()
         self.transform_net = transform_net_create_fn(
             self.num_identity_features, self.num_transform_features * self.params_per_feature)
+        self.conditional = takes_context(self.transform_net)
 
     def _split(self, x: torch.Tensor):
         if x.dim() not in (2, 4) or x.shape[1] != self.features:
@@ -83,6 +101,12 @@ class _Coupling(Transform):
         return out.index_copy(1, self.transform_features, y_tr)
 
     def _params(self, x_id, context):
+        if context is not None:
+            check_context(x_id, context, type(self).__name__)
+            if not self.conditional:
+                raise ValueError(f"{type(self).__name__}: a context was given but its transform net "
+                                 f"({type(self.transform_net).__name__}) takes none: build the net with a "
+                                 f"forward(x, context) to condition this layer")
         h = self.transform_net(x_id) if context is None else self.transform_net(x_id, context)
         n = self.num_transform_features * self.params_per_feature
         if h.shape[1] != n or h.shape[0] != x_id.shape[0]:
@@ -111,7 +135,8 @@ class AffineCoupling(_Coupling):
     Args:
         mask: [features] (or [channels] for images); > 0 marks the features to transform.
         transform_net_create_fn: ``f(in_features, out_features) -> nn.Module`` mapping the identity part
-            [B, n_id, ...] (and ``context`` as a second argument, when given) to [B, 2 * n_tr, ...].
+            [B, n_id, ...] (and ``context`` [B, ...] as a second argument, when its forward takes one) to
+            [B, 2 * n_tr, ...]: shift first, then the unconstrained scale (nflows' order).
         scale: "sigmoid" (default; s = sigmoid(u + 2) + 1e-3), "exp" or "softclamp".
         clamp: bound on |log s| for "softclamp".
     """

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Transform, per_position_logdet
+from .base import Transform, per_position_logdet, reject_context
 
 __all__ = ["InvConv1x1"]
 
@@ -18,8 +18,10 @@ class InvConv1x1(Transform):
     ``H * W * sum(log_abs_s)`` (``sum(log_abs_s)`` for [B, C] inputs). Initialised from a random
     rotation, as in Glow. The inverse uses triangular solves, not a general matrix inverse.
 
-    Inputs: [B, C] or [B, C, H, W] with C = ``num_channels``.
+    Inputs: [B, C] or [B, C, H, W] with C = ``num_channels``. Takes no context (``conditional = False``).
     """
+
+    conditional = False
 
     def __init__(self, num_channels: int):
         super().__init__()
@@ -60,9 +62,11 @@ class InvConv1x1(Transform):
         return x @ weight.T if x.dim() == 2 else F.conv2d(x, weight[:, :, None, None])
 
     def forward(self, inputs, context=None):
+        reject_context(self, context)
         self._check(inputs)
         return self._mix(inputs, self.weight()), per_position_logdet(self.log_abs_s, inputs)
 
     def inverse(self, inputs, context=None):
+        reject_context(self, context)
         self._check(inputs)
         return self._mix(inputs, self.inverse_weight()), -per_position_logdet(self.log_abs_s, inputs)

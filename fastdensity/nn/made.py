@@ -18,15 +18,28 @@ so this is the same model up to a permutation of hidden units (same multiset of 
 connectivity), but it makes the hidden-to-hidden masks block-triangular: about half of their tiles
 are zero and :func:`fastdensity.ops.masked_linear` skips them.
 
-No residual blocks: ``num_blocks`` plain masked layers follow the first, with ReLU after each (nflows'
-``use_residual_blocks=False``). Context, when given, enters every layer, the output layer included,
-through an unmasked linear map added to the pre-activation: it may influence every output without
-touching the autoregressive structure. (All layers' context terms come from one ``nn.Linear`` whose
-output is split, one matmul instead of ``num_blocks + 2``.)
+Two block structures (``a`` = ``activation``, ReLU by default; ``c`` = context):
+
+    plain (default; nflows' use_residual_blocks=False)
+        h_0 = a(W_0 x + U_0 c)                   h_i = dropout(a(W_i bn_i(h_{i-1}) + U_i c))
+        out = W_out h + U_out c
+    residual (use_residual_blocks=True; nflows' default, nflows' function exactly)
+        h_0 = W_0 x + a(U_0 c)                   h_i = h_{i-1} + W_i'' dropout(a(bn_i'(W_i' a(bn_i(h_{i-1})) + U_i c)))
+        out = W_out h
+
+where ``bn`` (BatchNorm1d, eps 1e-3) appears only with ``use_batch_norm`` and every ``U c`` only with
+``context_features``. In the plain structure the context enters every layer, the output layer
+included, through an unmasked linear map (one ``nn.Linear`` whose output is split: one matmul
+instead of ``num_blocks + 2``), so every output - the first feature's too - depends on it. nflows'
+plain MADE feeds it to the first layer only, through the activation; the residual structure here
+follows nflows exactly (first layer and each block, not the output layer: the first feature's
+parameters do not depend on the context, and a conditional base such as
+:class:`~fastdensity.ConditionalDiagonalNormal` or a later reversed ordering gives it one), so that
+nflows' weights carry across, hidden units permuted into sorted order.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -70,29 +83,76 @@ def _random_hidden_degrees(hidden: int, features: int, low: int, generator: torc
     return torch.randint(low, features, (hidden,), generator=generator)
 
 
+def _batch_norm(norm: nn.BatchNorm1d | None, h: torch.Tensor) -> torch.Tensor:
+    """BatchNorm1d over the last dim of [..., H] (leading dims flattened into the batch)."""
+    if norm is None:
+        return h
+    return norm(h.reshape(-1, h.shape[-1])).view(h.shape)
+
+
+class _ResidualBlock(nn.Module):
+    """``h + W'' dropout(a(bn'(W' a(bn(h)) + U c)))`` with both masks ``deg >= deg`` (nflows'
+    MaskedResidualBlock; its last layer starts near zero, uniform in +-1e-3, as there)."""
+
+    def __init__(self, mask: torch.Tensor, context_features: int | None, activation: Callable,
+                 dropout_probability: float, use_batch_norm: bool):
+        super().__init__()
+        width = mask.shape[0]
+        self.context_layer = nn.Linear(context_features, width) if context_features else None
+        self.batch_norm_layers = (nn.ModuleList(nn.BatchNorm1d(width, eps=1e-3) for _ in range(2))
+                                  if use_batch_norm else None)
+        self.linear_layers = nn.ModuleList(MaskedLinear(width, width, mask) for _ in range(2))
+        self.activation = activation
+        self.dropout = nn.Dropout(dropout_probability) if dropout_probability > 0 else None
+        nn.init.uniform_(self.linear_layers[1].weight, -1e-3, 1e-3)
+        nn.init.uniform_(self.linear_layers[1].bias, -1e-3, 1e-3)
+
+    def _norm(self, i: int):
+        return None if self.batch_norm_layers is None else self.batch_norm_layers[i]
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        t = self.linear_layers[0](self.activation(_batch_norm(self._norm(0), h)))
+        if self.context_layer is not None:
+            t = t + self.context_layer(context)
+        t = self.activation(_batch_norm(self._norm(1), t))
+        if self.dropout is not None:
+            t = self.dropout(t)
+        return h + self.linear_layers[1](t)
+
+
 class MADE(nn.Module):
     """Masked autoencoder for distribution estimation, on tile-skipping masked linear layers.
 
     Args:
         features: D, the number of autoregressive inputs.
         hidden_features: H, width of every hidden layer.
-        num_blocks: masked hidden-to-hidden layers after the first hidden layer (ReLU after each).
+        num_blocks: blocks after the first hidden layer: plain masked layers (ReLU after each) or, with
+            ``use_residual_blocks``, residual blocks of two masked layers each (as nflows).
         output_multiplier: m, parameters per feature; the output has D * m columns.
-        context_features: width of an optional conditioning input, fed unmasked to every layer.
+        context_features: width of an optional conditioning input (see the module docstring for where
+            it enters). A MADE built with it needs a context; one built without refuses one.
         ordering: ``"sequential"`` (feature i is the i-th generated), ``"random"`` (a random
             permutation of the features and random hidden degrees), or a tensor (or list): a permutation of
             0..D-1 where ``ordering[i]`` is the position of feature i in the autoregressive order.
-        seed: for ``"random"``: seed of the private generator that draws ordering and degrees. None
+        use_residual_blocks: nflows' residual structure (module docstring). Needs non-random degrees.
+        random_mask: draw the hidden degrees at random (nflows' ``random_mask``) whatever the ordering.
+        activation: the nonlinearity, a function (``torch.nn.functional.relu`` by default, as nflows).
+        dropout_probability: dropout after each block's last activation (as nflows), 0 for none.
+        use_batch_norm: BatchNorm1d inside each block, as nflows (it makes a sample's output depend on
+            its batch in training mode).
+        seed: for random degrees: seed of the private generator that draws ordering and degrees. None
             draws the seed from PyTorch's global generator, so ``torch.manual_seed`` reproduces it.
             Either way the draw is stored in buffers (``state_dict``), so a saved model reloads it.
 
     Shapes: ``forward(inputs [..., D], context [..., C] or None) -> [..., D * m]``; reshape with
     ``.view(B, D, m)``: ``[:, d, :]`` depends only on the inputs i with ``ordering[i] < ordering[d]``.
+    The context must have the inputs' leading dims.
 
     Attributes (buffers, for samplers such as MAF's inverse):
         ordering: [D] long, position of each feature in the autoregressive order (0-based).
         degrees: [D] long, ``ordering + 1``, the input degrees in nflows' convention.
-        hidden_degrees: [num_blocks + 1, H] long, degrees of the hidden units of each layer.
+        hidden_degrees: [num_blocks + 1, H] long, degrees of the hidden units after the first layer and
+            after each block.
         output_degrees: [D * m] long, ``degrees.repeat_interleave(m)``.
         generation_order (property): [D], the features in the order they must be sampled.
     """
@@ -111,6 +171,11 @@ class MADE(nn.Module):
         context_features: int | None = None,
         ordering: Union[str, torch.Tensor] = "sequential",
         *,
+        use_residual_blocks: bool = False,
+        random_mask: bool = False,
+        activation: Callable[[torch.Tensor], torch.Tensor] = F.relu,
+        dropout_probability: float = 0.0,
+        use_batch_norm: bool = False,
         seed: int | None = None,
     ):
         super().__init__()
@@ -120,19 +185,33 @@ class MADE(nn.Module):
         m = _check_positive("output_multiplier", output_multiplier)
         if context_features is not None:
             _check_positive("context_features", context_features)
+        if not 0.0 <= float(dropout_probability) < 1.0:
+            raise ValueError(f"dropout_probability must lie in [0, 1); got {dropout_probability!r}")
+        if not callable(activation):
+            raise ValueError(f"activation must be a function such as torch.nn.functional.relu; got {activation!r}")
         self.features, self.hidden_features, self.num_blocks = D, H, num_blocks
         self.output_multiplier, self.context_features = m, context_features
+        self.use_residual_blocks = bool(use_residual_blocks)
+        self.activation = activation
 
-        if seed is not None and not (isinstance(ordering, str) and ordering == "random"):
-            raise ValueError(f"seed is only used with ordering='random'; got ordering={ordering!r}")
+        random_ordering = isinstance(ordering, str) and ordering == "random"
+        random_degrees = random_ordering or bool(random_mask)
+        if self.use_residual_blocks and random_degrees:
+            raise ValueError("use_residual_blocks needs the same degrees in both layers of a block, so it cannot "
+                             "use random degrees (random_mask=True or ordering='random'); pass an explicit "
+                             "permutation as ordering for a random order")
+        if seed is not None and not random_degrees:
+            raise ValueError(f"seed is only used with random degrees (ordering='random' or random_mask=True); "
+                             f"got ordering={ordering!r}")
         generator = None
+        if random_degrees:
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator = torch.Generator().manual_seed(int(seed))
         if isinstance(ordering, str):
             if ordering == "sequential":
                 order = torch.arange(D)
-            elif ordering == "random":
-                if seed is None:
-                    seed = int(torch.randint(0, 2**62, (1,)).item())
-                generator = torch.Generator().manual_seed(int(seed))
+            elif random_ordering:
                 order = torch.randperm(D, generator=generator)
             else:
                 raise ValueError(f"ordering must be 'sequential', 'random' or a permutation tensor; got {ordering!r}")
@@ -157,36 +236,64 @@ class MADE(nn.Module):
         self.register_buffer("output_degrees", out_degrees)
 
         self.input_layer = MaskedLinear(D, H, hidden[0][:, None] >= in_degrees[None, :])
-        self.hidden_layers = nn.ModuleList(
-            MaskedLinear(H, H, hidden[i + 1][:, None] >= hidden[i][None, :]) for i in range(num_blocks))
+        if self.use_residual_blocks:
+            self.context_layer = nn.Linear(context_features, H) if context_features else None
+            self.blocks = nn.ModuleList(
+                _ResidualBlock(hidden[i][:, None] >= hidden[i][None, :], context_features, activation,
+                               dropout_probability, use_batch_norm) for i in range(num_blocks))
+        else:
+            self.batch_norms = (nn.ModuleList(nn.BatchNorm1d(H, eps=1e-3) for _ in range(num_blocks))
+                                if use_batch_norm else None)
+            self.hidden_layers = nn.ModuleList(
+                MaskedLinear(H, H, hidden[i + 1][:, None] >= hidden[i][None, :]) for i in range(num_blocks))
+            self._context_widths = [H] * (num_blocks + 1) + [D * m]
+            self.context_layer = nn.Linear(context_features, sum(self._context_widths)) if context_features else None
+            self.dropout = nn.Dropout(dropout_probability) if dropout_probability > 0 else None
         self.output_layer = MaskedLinear(H, D * m, out_degrees[:, None] > hidden[-1][None, :])
-        self._context_widths = [H] * (num_blocks + 1) + [D * m]
-        self.context_layer = nn.Linear(context_features, sum(self._context_widths)) if context_features else None
 
     @property
     def generation_order(self) -> torch.Tensor:
         """[D]: feature indices in the order a sampler must generate them (``argsort(ordering)``)."""
         return torch.argsort(self.ordering)
 
-    def forward(self, inputs: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """[..., D] (and context [..., C]) -> [..., D * m] autoregressive parameters."""
+    def _check(self, inputs, context):
         if inputs.shape[-1:] != (self.features,):
             raise ValueError(f"inputs must have shape [..., features={self.features}]; got {tuple(inputs.shape)}")
-        if self.context_layer is None:
+        if self.context_features is None:
             if context is not None:
                 raise ValueError("context was given but this MADE was built with context_features=None")
+            return
+        if context is None or context.shape[-1:] != (self.context_features,):
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"context must have shape [..., context_features={self.context_features}]; got {got}")
+        if context.shape[:-1] != inputs.shape[:-1]:
+            raise ValueError(f"context must have the inputs' leading dims {tuple(inputs.shape[:-1])} (one row per "
+                             f"input row); got shape {tuple(context.shape)}")
+
+    def forward(self, inputs: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., D] (and context [..., C]) -> [..., D * m] autoregressive parameters."""
+        self._check(inputs, context)
+        if self.use_residual_blocks:
+            h = self.input_layer(inputs)
+            if self.context_layer is not None:
+                h = h + self.activation(self.context_layer(context))
+            for block in self.blocks:
+                h = block(h, context)
+            return self.output_layer(h)
+
+        if self.context_layer is None:
             terms = [None] * len(self._context_widths)
         else:
-            if context is None or context.shape[-1:] != (self.context_features,):
-                got = None if context is None else tuple(context.shape)
-                raise ValueError(f"context must have shape [..., context_features={self.context_features}]; got {got}")
             terms = list(self.context_layer(context).split(self._context_widths, dim=-1))
-
-        h = F.relu(_add(self.input_layer(inputs), terms[0]))
-        for layer, term in zip(self.hidden_layers, terms[1:-1]):
-            h = F.relu(_add(layer(h), term))
+        h = self.activation(_add(self.input_layer(inputs), terms[0]))
+        for i, (layer, term) in enumerate(zip(self.hidden_layers, terms[1:-1])):
+            norm = None if self.batch_norms is None else self.batch_norms[i]
+            h = self.activation(_add(layer(_batch_norm(norm, h)), term))
+            if self.dropout is not None:
+                h = self.dropout(h)
         return _add(self.output_layer(h), terms[-1])
 
     def extra_repr(self) -> str:
         return (f"features={self.features}, hidden_features={self.hidden_features}, num_blocks={self.num_blocks}, "
-                f"output_multiplier={self.output_multiplier}, context_features={self.context_features}")
+                f"output_multiplier={self.output_multiplier}, context_features={self.context_features}, "
+                f"use_residual_blocks={self.use_residual_blocks}")

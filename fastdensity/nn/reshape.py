@@ -1,7 +1,8 @@
 """Squeeze (space-to-depth), the reshaping step of multi-scale flows (log-det 0)."""
 from __future__ import annotations
 
-from .base import Transform, zero_logdet
+from .._validation import check_int
+from .base import Transform, reject_context, zero_logdet
 
 __all__ = ["Squeeze"]
 
@@ -13,13 +14,14 @@ class Squeeze(Transform):
     channel ``c`` (Glow's ordering). ``inverse`` is depth-to-space.
     """
 
+    conditional = False  # the same map for every context: a context given to it is an error
+
     def __init__(self, factor: int = 2):
         super().__init__()
-        if factor < 1:
-            raise ValueError(f"factor must be a positive integer; got {factor}")
-        self.factor = factor
+        self.factor = check_int("factor", factor, minimum=1)
 
     def forward(self, inputs, context=None):
+        reject_context(self, context)
         f = self.factor
         if inputs.dim() != 4 or inputs.shape[2] % f or inputs.shape[3] % f:
             raise ValueError(f"inputs must be [B, C, H, W] with H and W divisible by {f}; got {tuple(inputs.shape)}")
@@ -28,6 +30,7 @@ class Squeeze(Transform):
         return z.reshape(b, c * f * f, h // f, w // f), zero_logdet(inputs)
 
     def inverse(self, inputs, context=None):
+        reject_context(self, context)
         f = self.factor
         if inputs.dim() != 4 or inputs.shape[1] % (f * f):
             raise ValueError(f"inputs must be [B, C * {f * f}, H, W]; got {tuple(inputs.shape)}")

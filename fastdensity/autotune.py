@@ -8,11 +8,13 @@ the winner in memory and in a JSON file, and answers from that cache ever after 
 too, so a training job pays for the measurement once per machine, not once per run.
 
 Where the cache lives: ``$FASTDENSITY_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/fastdensity``, else
-``~/.cache/fastdensity``; one file per tuner, ``autotune-<name>.json``, holding for each key the choice
-and the measured milliseconds of every candidate (so a surprising choice can be inspected). The file is
-rewritten atomically (a temporary file in the same folder, then ``os.replace``) after merging in what
-other processes wrote meanwhile, so concurrent jobs never leave a torn file. A missing, unreadable or
-corrupt file is treated as empty; a folder that cannot be written to keeps the cache in memory only.
+``~/.cache/fastdensity``, else (no home directory, as in some containers and CI sandboxes)
+``<temp dir>/fastdensity-cache-<uid>``; one file per tuner, ``autotune-<name>.json``, holding for each
+key the choice and the measured milliseconds of every candidate (so a surprising choice can be
+inspected). The file is rewritten with :func:`fastdensity.atomic_io.atomic_write_bytes` after merging
+in what other processes wrote meanwhile, so concurrent jobs never leave a torn file. A missing,
+unreadable or corrupt file is treated as empty; a folder that cannot be written to keeps the cache in
+memory only.
 
 Every key is stored together with the fastdensity, torch and Triton versions, so upgrading any of
 them (a faster kernel, a new cuDNN) re-measures.
@@ -40,6 +42,8 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from .atomic_io import atomic_write_bytes
+
 __all__ = ["ENV_AUTOTUNE", "ENV_CACHE_DIR", "autotune_enabled", "cache_dir", "cuda_event_timer",
            "CachedAutotuner"]
 
@@ -59,7 +63,12 @@ def cache_dir() -> Path:
         return Path(os.environ[ENV_CACHE_DIR]).expanduser()
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "fastdensity"
-    return Path.home() / ".cache" / "fastdensity"
+    try:
+        return Path.home() / ".cache" / "fastdensity"
+    except (RuntimeError, KeyError, OSError):  # no $HOME and no passwd entry for this user
+        # Per user, so two users of one machine never share (or fight over the permissions of) a folder.
+        user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+        return Path(tempfile.gettempdir()) / f"fastdensity-cache-{user}"
 
 
 def cuda_event_timer(fn: Callable[[], object], *, warmup: int = 2, reps: int = 5) -> float:
@@ -198,26 +207,13 @@ class CachedAutotuner:
 
     def _write_entry(self, text: str, entry: dict) -> None:
         path = self.path
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             entries = self._read_file()  # merge: another process may have added keys since we last read
             entries[text] = entry
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old or the new file
-            tmp = None
+            data = json.dumps({"format": _FORMAT, "entries": entries}, indent=1, sort_keys=True)
+            atomic_write_bytes(path, data.encode("utf-8"))
         except OSError as exc:
             if not self._warned_write:
                 warnings.warn(f"fastdensity autotune ({self.name}): cannot write {path} ({exc}); choices are "
                               f"kept in memory for this process only", RuntimeWarning, stacklevel=3)
                 self._warned_write = True
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass

@@ -1,0 +1,381 @@
+"""fastdensity.accelerate: nflows, zuko and normflows models keep their parameters, state_dict, log_prob,
+samples (same seed) and gradients - compared with an untouched deep copy of the peer model, in float64,
+on the reference and the kernel path - while their supported pieces run fastdensity's fused ops."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastdensity
+from fastdensity.peers import HANDLERS, AccelerationReport
+from helpers import requires_interpreter
+
+nflows = pytest.importorskip("nflows")
+zuko = pytest.importorskip("zuko")
+nf = pytest.importorskip("normflows")
+
+from nflows.distributions.normal import ConditionalDiagonalNormal, StandardNormal  # noqa: E402
+from nflows.flows import MaskedAutoregressiveFlow  # noqa: E402
+from nflows.flows.base import Flow  # noqa: E402
+from nflows.nn.nets import ResidualNet  # noqa: E402
+from nflows.transforms import (ActNorm, AdditiveCouplingTransform, AffineCouplingTransform,  # noqa: E402
+                               CompositeTransform, LULinear, MaskedAffineAutoregressiveTransform,
+                               RandomPermutation, ReversePermutation)
+from nflows.transforms.coupling import PiecewiseLinearCouplingTransform  # noqa: E402
+
+BACKENDS = ["reference", pytest.param("triton", marks=requires_interpreter)]
+D, C = 4, 2
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """The peers draw base samples in the default dtype: float64 models need float64 draws."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def perturb(model, scale=0.2, seed=1):
+    """Parameters off their initialisation (identity-initialised layers would hide a wrong scale or layout)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Peer models and how to run them: (build, log_prob(model, x, c), sample(model, n, c), conditional)
+# ------------------------------------------------------------------------------------------------
+
+
+def nflows_couplings():
+    """ActNorm, LULinear, affine and additive couplings with a conditional ResidualNet, a permutation, and a
+    conditional MAF layer (whose MADE adds the context into its masked layers' outputs in place)."""
+    net = lambda i, o: ResidualNet(i, o, 16, context_features=C, num_blocks=1)  # noqa: E731
+    transform = CompositeTransform([
+        ActNorm(D), LULinear(D, identity_init=False), AffineCouplingTransform(torch.tensor([1, 0, 1, 0]), net),
+        RandomPermutation(D), AdditiveCouplingTransform(torch.tensor([0, 1, 0, 1]), net),
+        MaskedAffineAutoregressiveTransform(D, 16, context_features=C, num_blocks=1)])
+    flow = perturb(Flow(transform, StandardNormal([D])))
+    flow.log_prob(torch.randn(16, D) * 2, torch.randn(16, C))  # ActNorm's data-dependent initialisation
+    return flow.eval()
+
+
+def nflows_maf():
+    """nflows' MaskedAutoregressiveFlow with its defaults (residual MADE blocks, softplus scale)."""
+    return perturb(MaskedAutoregressiveFlow(D, 16, num_layers=2, num_blocks_per_layer=2)).eval()
+
+
+def nflows_conditional_maf():
+    """Plain MADE blocks with a context, batch norm inside (eval mode), the conditional base."""
+    transforms = []
+    for _ in range(2):
+        transforms += [ReversePermutation(D), MaskedAffineAutoregressiveTransform(
+            D, 16, context_features=C, use_residual_blocks=False, use_batch_norm=True)]
+    flow = Flow(CompositeTransform(transforms), ConditionalDiagonalNormal([D], torch.nn.Linear(C, 2 * D)))
+    return perturb(flow).eval()
+
+
+def zuko_maf():
+    return perturb(zuko.flows.MAF(D, C, transforms=2, hidden_features=[16, 16]))
+
+
+def zuko_residual_maf():
+    return perturb(zuko.flows.MAF(D, C, transforms=2, hidden_features=[16, 16], residual=True))
+
+
+def zuko_realnvp():
+    return perturb(zuko.flows.RealNVP(D, C, transforms=2, hidden_features=[16]))
+
+
+def normflows_flow():
+    flows = []
+    for scale_map in ("exp", "sigmoid", "sigmoid_inv"):
+        flows += [nf.flows.AffineCouplingBlock(nf.nets.MLP([D // 2, 16, D]), scale_map=scale_map),
+                  nf.flows.Permute(D, mode="swap")]
+    flows.append(nf.flows.AffineCouplingBlock(nf.nets.MLP([D // 2, 16, D // 2]), scale=False))
+    return perturb(nf.NormalizingFlow(nf.distributions.DiagGaussian(D), flows))
+
+
+def _nflows_log_prob(model, x, c):
+    return model.log_prob(x, c)
+
+
+def _nflows_sample(model, n, c):
+    return model.sample(n, None if c is None else c[:2])
+
+
+def _zuko_log_prob(model, x, c):
+    return model(c).log_prob(x)
+
+
+def _zuko_sample(model, n, c):
+    return model(c[0]).rsample((n,))
+
+
+def _normflows_log_prob(model, x, c):
+    return model.log_prob(x)
+
+
+def _normflows_sample(model, n, c):
+    return model.sample(n)[0]
+
+
+MODELS = {
+    "nflows couplings": (nflows_couplings, _nflows_log_prob, _nflows_sample, True),
+    "nflows maf": (nflows_maf, _nflows_log_prob, _nflows_sample, False),
+    "nflows conditional maf": (nflows_conditional_maf, _nflows_log_prob, _nflows_sample, True),
+    "zuko maf": (zuko_maf, _zuko_log_prob, _zuko_sample, True),
+    "zuko residual maf": (zuko_residual_maf, _zuko_log_prob, _zuko_sample, True),
+    "zuko realnvp": (zuko_realnvp, _zuko_log_prob, _zuko_sample, True),
+    "normflows couplings": (normflows_flow, _normflows_log_prob, _normflows_sample, False),
+}
+
+# What accelerate must replace in each (fused class name -> count).
+EXPECTED = {
+    "nflows couplings": {"FusedActNorm": 1, "FusedLULinear": 1, "FusedAffineCouplingTransform": 1,
+                         "FusedAdditiveCouplingTransform": 1, "FusedMaskedAffineAutoregressiveTransform": 1,
+                         "FusedMaskedLinear": 4},
+    "nflows maf": {"FusedMaskedAffineAutoregressiveTransform": 2, "FusedMaskedLinear": 12},
+    "nflows conditional maf": {"FusedMaskedAffineAutoregressiveTransform": 2, "FusedMaskedLinear": 8},
+    "zuko maf": {"FusedMaskedAutoregressiveTransform": 2, "FusedMaskedLinear": 6},
+    "zuko residual maf": {"FusedMaskedAutoregressiveTransform": 2, "FusedMaskedLinear": 12},
+    "zuko realnvp": {"FusedGeneralCouplingTransform": 2},
+    "normflows couplings": {"FusedAffineCoupling": 4},
+}
+
+
+def _fused_counts(report: AccelerationReport, entries=None) -> dict:
+    counts: dict[str, int] = {}
+    for e in report.replaced if entries is None else entries:
+        name = e.detail.split(" ")[0]
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _inputs(conditional, n=8, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g)
+    return x, (torch.randn(n, C, generator=g) if conditional else None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_accelerated_model_equals_the_untouched_one(name, backend):
+    build, log_prob, sample, conditional = MODELS[name]
+    torch.manual_seed(0)
+    original = build()
+    model = copy.deepcopy(original)
+    params_before = {n: p for n, p in model.named_parameters()}
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    report = fastdensity.accelerate(model)
+
+    assert _fused_counts(report) == EXPECTED[name], str(report)
+    # Same Parameter objects and the same state_dict: optimizers and checkpoints carry over.
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    state_after = model.state_dict()
+    assert list(state_after) == list(state_before)
+    assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
+
+    x, c = _inputs(conditional)
+    with fastdensity.set_backend(backend):
+        lp = log_prob(model, x, c)
+        lp_original = log_prob(original, x, c)
+        torch.testing.assert_close(lp, lp_original)  # float64: agreement to round-off
+        upstream = torch.randn(lp.shape, generator=torch.Generator().manual_seed(4))
+        grads = torch.autograd.grad((lp * upstream).sum(), list(model.parameters()), allow_unused=True)
+        grads_original = torch.autograd.grad((lp_original * upstream).sum(), list(original.parameters()),
+                                             allow_unused=True)
+        assert sum(g is not None for g in grads) > 0
+        for (n, _), g, g0 in zip(model.named_parameters(), grads, grads_original):
+            assert (g is None) == (g0 is None), n
+            if g is not None:
+                torch.testing.assert_close(g, g0, msg=lambda m: f"gradient of {n}: {m}")
+        with torch.no_grad():
+            torch.manual_seed(11)
+            s = sample(model, 3, c)
+            torch.manual_seed(11)
+            s_original = sample(original, 3, c)
+        torch.testing.assert_close(s, s_original)
+
+
+def test_the_fused_ops_really_run(monkeypatch):
+    """Not vacuous: after accelerate, the nflows MAF's log_prob goes through fastdensity's ops."""
+    calls = []
+    for op in ("affine_coupling", "masked_linear"):
+        real = getattr(fastdensity.ops, op)
+        monkeypatch.setattr(fastdensity.ops, op, lambda *a, _r=real, _n=op, **k: calls.append(_n) or _r(*a, **k))
+    model = nflows_maf()
+    model.log_prob(torch.randn(3, D))
+    assert calls == []
+    fastdensity.accelerate(model)
+    model.log_prob(torch.randn(3, D))
+    assert calls.count("affine_coupling") == 2 and calls.count("masked_linear") == 12
+
+
+class ConvNet(torch.nn.Module):
+    """A conditioner for image couplings with nflows' net signature, forward(x, context=None)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(in_channels, 8, 3, padding=1), torch.nn.Tanh(),
+                                       torch.nn.Conv2d(8, out_channels, 3, padding=1))
+
+    def forward(self, x, context=None):
+        return self.net(x)
+
+
+def test_images_through_nflows_actnorm_and_coupling():
+    """[B, C, H, W]: ActNorm per channel (stride-0 broadcast views) and a channel coupling with a conv net."""
+    net = ConvNet
+    transform = perturb(CompositeTransform([ActNorm(4), AffineCouplingTransform(torch.tensor([0, 1, 0, 1]), net),
+                                            ActNorm(4)]))
+    x = torch.randn(3, 4, 5, 3)
+    transform(x)
+    transform.eval()
+    model = copy.deepcopy(transform)
+    fastdensity.accelerate(model)
+    for direction in ("forward", "inverse"):
+        (z, ld), (z0, ld0) = getattr(model, direction)(x), getattr(transform, direction)(x)
+        torch.testing.assert_close(z, z0)
+        torch.testing.assert_close(ld, ld0)
+
+
+def test_actnorm_still_initialises_from_data():
+    original = ActNorm(3)
+    model = copy.deepcopy(original)
+    fastdensity.accelerate(model)
+    x = 3 * torch.randn(64, 3) + 1
+    z, _ = model(x)
+    torch.testing.assert_close(z, original(x)[0])
+    assert bool(model.initialized) and torch.equal(model.shift, original.shift)
+
+
+def test_lulinear_inverse_and_cache():
+    original = perturb(LULinear(5, identity_init=False, using_cache=True))
+    model = copy.deepcopy(original)
+    fastdensity.accelerate(model)
+    x = torch.randn(6, 5)
+    for mode in ("train", "eval"):  # eval uses nflows' cache, which stays nflows' own
+        getattr(model, mode)()
+        getattr(original, mode)()
+        for direction in ("forward", "inverse"):
+            (y, ld), (y0, ld0) = getattr(model, direction)(x), getattr(original, direction)(x)
+            torch.testing.assert_close(y, y0)
+            torch.testing.assert_close(ld, ld0)
+
+
+def test_training_continues_with_the_same_optimizer():
+    """An optimizer built before accelerate keeps stepping the same parameters: a few Adam steps on the
+    accelerated model and on an untouched copy end at the same weights."""
+    original = nflows_maf().train()
+    model = copy.deepcopy(original)
+    opt, opt_original = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(original.parameters(), lr=1e-2)
+    x = torch.randn(32, D)
+    for step in range(3):
+        if step == 1:
+            fastdensity.accelerate(model)  # mid-training: the optimizer's state carries on
+        for m, o in ((model, opt), (original, opt_original)):
+            o.zero_grad()
+            (-m.log_prob(x).mean()).backward()
+            o.step()
+    for (n, p), p0 in zip(model.named_parameters(), original.parameters()):
+        torch.testing.assert_close(p, p0, msg=lambda m: f"{n}: {m}")
+
+
+def test_checkpoints_load_both_ways():
+    trained = nflows_maf()
+    fastdensity.accelerate(trained)
+    fresh = MaskedAutoregressiveFlow(D, 16, num_layers=2, num_blocks_per_layer=2).eval()
+    fresh.load_state_dict(trained.state_dict())  # an accelerated model's checkpoint loads into plain nflows
+    x = torch.randn(5, D)
+    torch.testing.assert_close(fresh.log_prob(x), trained.log_prob(x))
+    again = MaskedAutoregressiveFlow(D, 16, num_layers=2, num_blocks_per_layer=2).eval()
+    fastdensity.accelerate(again)
+    again.load_state_dict(fresh.state_dict())  # and a plain one into an accelerated model
+    torch.testing.assert_close(again.log_prob(x), trained.log_prob(x))
+    torch.save(again, buffer := __import__("io").BytesIO())  # whole-model pickling: fused classes import by name
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded.log_prob(x), trained.log_prob(x))
+
+
+def test_calling_twice_is_harmless_and_dry_run_only_reports():
+    model = nflows_couplings()
+    x, c = _inputs(True)
+    expected = model.log_prob(x, c)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    dry = fastdensity.accelerate(model, dry_run=True)
+    assert dry.dry_run and _fused_counts(dry) == EXPECTED["nflows couplings"]
+    assert {n: type(m) for n, m in model.named_modules()} == classes  # nothing changed
+    assert "would replace 9" in str(dry)
+    first = fastdensity.accelerate(model)
+    second = fastdensity.accelerate(model)
+    assert second.replaced == [] and _fused_counts(second, second.already_fused) == EXPECTED["nflows couplings"]
+    assert [e.name for e in second.left] == [e.name for e in first.left]
+    torch.testing.assert_close(model.log_prob(x, c), expected)
+    flow = zuko_maf()
+    fastdensity.accelerate(flow)
+    again = fastdensity.accelerate(flow)
+    assert again.replaced == [] and {e.peer for e in again.already_fused} == {
+        "zuko.flows.autoregressive.MaskedAutoregressiveTransform", "zuko.nn.MaskedLinear"}
+
+
+def test_report_names_what_it_left_and_why():
+    class MyCoupling(AffineCouplingTransform):  # a user's subclass: it may override the computing methods
+        pass
+
+    net = lambda i, o: ResidualNet(i, o, 8)  # noqa: E731
+    model = CompositeTransform([
+        ReversePermutation(D), MyCoupling(torch.tensor([1, 0, 1, 0]), net),
+        PiecewiseLinearCouplingTransform(torch.tensor([0, 1, 0, 1]), net),
+        AffineCouplingTransform(torch.tensor([1, 1, 0, 0]), net)])
+    model._transforms[3].scale_activation = lambda u: torch.exp(u)  # newer nflows' option, not the default
+    model.add_module("zuko_bpf", zuko.flows.BPF(D, transforms=1))  # Bernstein polynomials: not fused
+    report = fastdensity.accelerate(model)
+    left = {e.name: e.detail for e in report.left}
+    assert "a subclass of supported nflows.transforms.coupling.AffineCouplingTransform" in left["_transforms.1"]
+    assert "no fused implementation registered" in left["_transforms.2"]
+    assert "a custom scale_activation" in left["_transforms.3"]
+    assert "permutation" in left["_transforms.0"]
+    assert "univariate transform BoundedBernsteinTransform: no fused version registered" in \
+        left["zuko_bpf.transform.transforms.0"]
+    assert "zuko_bpf.transform.transforms.0.hyper.0" in {e.name for e in report.replaced}  # its MaskedMLP still
+    assert type(model._transforms[1]) is MyCoupling and type(model._transforms[3]) is AffineCouplingTransform
+    text = str(report)
+    assert "left" in text and "MyCoupling" in text
+    with pytest.raises(TypeError, match="accelerate expects a torch.nn.Module"):
+        fastdensity.accelerate(lambda x: x)
+
+
+def test_every_handler_names_an_importable_fused_subclass_of_its_peer():
+    from fastdensity.peers import _fused_class, qualified_name
+
+    for peer, target in HANDLERS.items():
+        fused = _fused_class(target)
+        assert qualified_name(fused.__mro__[1]) == peer or peer in {qualified_name(b) for b in fused.__mro__}
+        assert fused._fastdensity_fused and fused.fused_ops
+
+
+@requires_interpreter
+@pytest.mark.parametrize("name", ["nflows couplings", "normflows couplings"])
+def test_compiles_fullgraph_where_the_original_does(name):
+    """torch.compile(fullgraph=True) traces the accelerated model, the fused ops inside the graph, and
+    gives the untouched model's log-density (the original compiles too: checked first)."""
+    build, log_prob, _, conditional = MODELS[name]
+    torch.manual_seed(0)
+    original = build()
+    model = copy.deepcopy(original)
+    fastdensity.accelerate(model)
+    x, c = _inputs(conditional)
+    expected = log_prob(original, x, c)
+    with fastdensity.set_backend("triton"):
+        for m in (original, model):
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda x, c, m=m: log_prob(m, x, c), fullgraph=True, backend="aot_eager")
+            torch.testing.assert_close(compiled(x, c), expected)
