@@ -33,13 +33,21 @@ weights. Sizes:
   and ``NSF([D], kind="coupling", num_layers=L, hidden=H, num_hidden=2, num_bins=K, tail_bound=5,
   actnorm=False)``; zuko uses its own soft-clipped exp scale, of the same cost order, and its own
   spline parameterisation (soft-clipped logits, exp slopes), of the same cost order too.
+
+  Accelerated peers (issue 12): in the MAF and NSF cases, ``fastdensity.accelerate[nflows]`` and
+  ``fastdensity.accelerate[zuko]`` time the same peer flow - a deep copy of the very model the nflows
+  and zuko providers time, same weights - after ``fastdensity.accelerate``, under the ``auto`` backend
+  (the kernels on a GPU, the reference on a CPU): the speed-up a user of that library gets from the one
+  line. Their names start with "fastdensity", so the report counts them as fastdensity's, not as peers.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
 
-from .harness import Case, Runner, Settings, op_providers, peer, randn
+from .harness import Case, Provider, Runner, Settings, op_providers, peer, randn
 
 OP = "models"
 SPLINE_BOUND = 5.0  # zuko's default; nflows and ours are given the same
@@ -119,22 +127,48 @@ def _peer_runner(settings: Settings, flow: nn.Module, log_prob) -> Runner:
     return Runner(lambda x: -log_prob(flow, x).mean(), wrt=lambda inputs: params)
 
 
-def _zuko(settings, kind: str, d: int, layers: int, hidden: int, bins: int = 8):
-    def build():
+def _peer_pair(library: str, settings: Settings, make_flow, log_prob) -> list[Provider]:
+    """The peer library's provider and its accelerated twin, ``fastdensity.accelerate[<library>]``: one
+    flow, built once (seeded) when the first of the two is built; the twin times a deep copy of it after
+    ``fastdensity.accelerate``, so both start from the same weights (a step changes none: no optimizer)."""
+    state: dict = {}
+
+    def flow():
+        if "flow" not in state:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                state["flow"] = make_flow()
+        return state["flow"]
+
+    def accelerated():
+        import fastdensity
+
+        model = copy.deepcopy(flow())
+        report = fastdensity.accelerate(model)
+        if not report.replaced:
+            raise RuntimeError(f"fastdensity.accelerate replaced nothing in the {library} flow:\n{report}")
+        return _peer_runner(settings, model, log_prob)
+
+    twin = peer(f"fastdensity.accelerate[{library}]", library, accelerated)
+    twin.backend = "auto"  # the kernels on a GPU, the reference on a CPU: what the user's model gets
+    return [peer(library, library, lambda: _peer_runner(settings, flow(), log_prob)), twin]
+
+
+def _zuko(settings, kind: str, d: int, layers: int, hidden: int, bins: int = 8, accelerated: bool = False):
+    def make_flow():
         import zuko
 
         if kind == "nsf":
-            flow = zuko.flows.NSF(d, transforms=layers, hidden_features=(hidden, hidden), bins=bins, passes=2)
-        else:
-            cls = zuko.flows.RealNVP if kind == "realnvp" else zuko.flows.MAF
-            flow = cls(d, transforms=layers, hidden_features=(hidden, hidden))
-        return _peer_runner(settings, flow, lambda f, x: f().log_prob(x))
+            return zuko.flows.NSF(d, transforms=layers, hidden_features=(hidden, hidden), bins=bins, passes=2)
+        cls = zuko.flows.RealNVP if kind == "realnvp" else zuko.flows.MAF
+        return cls(d, transforms=layers, hidden_features=(hidden, hidden))
 
-    return peer("zuko", "zuko", build)
+    pair = _peer_pair("zuko", settings, make_flow, lambda f, x: f().log_prob(x))
+    return pair if accelerated else pair[:1]
 
 
-def _nflows(settings, kind: str, d: int, layers: int, hidden: int, bins: int = 8):
-    def build():
+def _nflows(settings, kind: str, d: int, layers: int, hidden: int, bins: int = 8, accelerated: bool = False):
+    def make_flow():
         from nflows.distributions.normal import StandardNormal
         from nflows.flows.base import Flow
         from nflows.transforms import CompositeTransform
@@ -156,10 +190,10 @@ def _nflows(settings, kind: str, d: int, layers: int, hidden: int, bins: int = 8
                                                                       use_residual_blocks=False))
                 if k < layers - 1:
                     transforms.append(ReversePermutation(d))
-        flow = Flow(CompositeTransform(transforms), StandardNormal([d]))
-        return _peer_runner(settings, flow, lambda f, x: f.log_prob(x))
+        return Flow(CompositeTransform(transforms), StandardNormal([d]))
 
-    return peer("nflows", "nflows", build)
+    pair = _peer_pair("nflows", settings, make_flow, lambda f, x: f.log_prob(x))
+    return pair if accelerated else pair[:1]
 
 
 def _vector_cases(settings: Settings, d: int, layers: int, hidden: int, batch: int, bins: int = 8) -> list[Case]:
@@ -167,16 +201,18 @@ def _vector_cases(settings: Settings, d: int, layers: int, hidden: int, batch: i
     return [
         _model_case(settings, "realnvp", (d,), batch, {"num_layers": layers, "hidden": hidden, "num_hidden": 2,
                                                        "scale": "sigmoid", "actnorm": False},
-                    [_zuko(settings, "realnvp", d, layers, hidden), _nflows(settings, "realnvp", d, layers, hidden)],
+                    [*_zuko(settings, "realnvp", d, layers, hidden), *_nflows(settings, "realnvp", d, layers, hidden)],
                     size),
         _model_case(settings, "maf", (d,), batch, {"num_layers": layers, "hidden": hidden, "num_hidden": 2,
                                                    "scale": "sigmoid", "actnorm": False},
-                    [_zuko(settings, "maf", d, layers, hidden), _nflows(settings, "maf", d, layers, hidden)],
+                    [*_zuko(settings, "maf", d, layers, hidden, accelerated=True),
+                     *_nflows(settings, "maf", d, layers, hidden, accelerated=True)],
                     size),
         _model_case(settings, "nsf", (d,), batch, {"kind": "coupling", "num_layers": layers, "hidden": hidden,
                                                    "num_hidden": 2, "num_bins": bins, "tail_bound": SPLINE_BOUND,
                                                    "actnorm": False},
-                    [_zuko(settings, "nsf", d, layers, hidden, bins), _nflows(settings, "nsf", d, layers, hidden, bins)],
+                    [*_zuko(settings, "nsf", d, layers, hidden, bins, accelerated=True),
+                     *_nflows(settings, "nsf", d, layers, hidden, bins, accelerated=True)],
                     f"{size} K={bins}", kernel="spline"),
     ]
 

@@ -21,8 +21,9 @@ All run under the run's backend (on CPU, the reference ops). Cases:
 * ``sample_pixelcnn`` at the issue's target: the default architecture (k = 7, F = 32, 4 blocks,
   K = 5, 256 levels) on 1x28x28 images, B = 16;
 * ``sample_pixelcnn`` for the growth curve: the same network (k = 7 at every size) on 1xSxS for
-  S = 8, 16, 24, 32, B = 1 - the naive sampler is quadratic in H * W, so larger batches would make its
-  32x32 point take most of an hour on a CPU (``benchmarks/plot_sampling.py`` draws the curve);
+  S = 8, 16, 24, 32, B = 4 (``benchmarks/plot_sampling.py`` draws the curve). At B = 1 a CPU pass of
+  the network costs about the same at every one of these sizes (per-layer overhead, not pixels), which
+  hides the naive sampler's quadratic growth; at B = 16 its 32x32 point alone would take ~25 minutes;
 * ``sample_maf``: MAF with D = 64, 5 transforms of two hidden layers of 128 (the peers' size, nflows'
   sigmoid scale, no ActNorm, as in ``bench_models``) at B = 256 and 1024.
 
@@ -41,7 +42,7 @@ from .cases import Case, Provider, Runner, Settings, peer
 OP_PIXELCNN, OP_MAF = "sample_pixelcnn", "sample_maf"
 
 #: the growth curve's image sizes (S x S) and batch
-CURVE_SIZES, CURVE_BATCH = (8, 16, 24, 32), 1
+CURVE_SIZES, CURVE_BATCH = (8, 16, 24, 32), 4
 
 
 def _token(settings: Settings):
@@ -168,15 +169,10 @@ def _maf_case(settings: Settings, d: int, layers: int, hidden: int, batch: int) 
 
 
 def _maf_sample(model, method: str, batch: int) -> torch.Tensor:
-    """``model.sample(batch, method=method)``; where MAF.sample has no ``method`` yet, the same switch
-    from outside (``fastdensity.sampling.sample_autoregressive``)."""
-    import inspect
-
-    if "method" in inspect.signature(model.sample).parameters:
-        return model.sample(batch, method=method)
-    from fastdensity import sampling
-
-    return sampling.sample_autoregressive(model, method, lambda: model.sample(batch))
+    """``model.sample(batch, method=method)``: ``"incremental"`` (the default) or ``"naive"``, both without
+    autograd (the naive sampler keeps the caller's grad mode, and a graph over D passes would be charged
+    to it; the peers sample under ``no_grad`` too)."""
+    return _no_grad(lambda: model.sample(batch, method=method))
 
 
 def _no_grad(fn):

@@ -12,7 +12,8 @@ from fastdensity import op_table
 from .harness import Case, Settings
 
 #: benchmark modules that are not one op's
-WHOLE_MODEL_MODULES = {"models": "bench_models", "sampling": "bench_sampling", "tarflow": "bench_tarflow"}
+WHOLE_MODEL_MODULES = {"models": "bench_models", "sampling": "bench_sampling", "tarflow": "bench_tarflow",
+                       "memory": "bench_memory"}
 
 
 #: --op name -> module of fastdensity.benchmarks: the ops in table order, then the model benchmarks

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from . import autotune
 from .kernels import masked_conv as kernel
 from .kernels.masked_conv import Geometry, centre_mask, geometry, live_mask
-from .kernels.utils import on_device_of
+from .kernels.utils import on_device_of, refuse_double_backward
 
 __all__ = ["IMPLS", "DEFAULT_IMPL", "TUNER", "IMPLEMENTATIONS", "dense_forward", "dense_backward", "split_forward",
            "split_backward", "tuning_key", "choose_impl", "resolve_impl", "masked_conv2d_op",
@@ -65,9 +65,11 @@ def _masked_dense_weight(weight: torch.Tensor, g: Geometry) -> torch.Tensor:
 
 
 def _in_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` in ``like``'s memory format, as the kernel returns its outputs."""
+    """``t`` in ``like``'s memory format, as the kernel returns its outputs: a tensor of its own, never a
+    view (a custom op's output that is a view cannot be edited in place under autograd)."""
     fmt = torch.channels_last if kernel.is_channels_last(like) else torch.contiguous_format
-    return t.contiguous(memory_format=fmt)
+    out = t.contiguous(memory_format=fmt)
+    return out if out._base is None else out.clone(memory_format=fmt)
 
 
 def dense_forward(x, weight, bias, g: Geometry) -> torch.Tensor:
@@ -155,7 +157,8 @@ def split_backward(grad_out, x, weight, g: Geometry, need_x: bool, need_w: bool)
     grad_x = None
     if need_x:
         ph, pw = g.padding
-        grad_x = _in_format(grad_xp[:, :, ph:ph + g.H, pw:pw + g.W], x)
+        # Unpadded, grad_xp is x's own gradient: no slice, so _in_format has no view to copy.
+        grad_x = _in_format(grad_xp[:, :, ph:ph + g.H, pw:pw + g.W] if ph or pw else grad_xp, x)
     return grad_x, grad_w
 
 
@@ -291,3 +294,4 @@ def _backward(ctx, grad_out):
 
 
 masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(masked_conv2d_backward_op, "masked_conv2d")

@@ -20,6 +20,7 @@ from .reference import logsumexp as _ref_logsumexp
 from .reference import masked_conv as _ref_masked_conv
 from .reference import masked_linear as _ref_masked_linear
 from .reference import mixture as _ref_mixture
+from .reference import spline as _ref_spline
 
 # Importing the kernel modules registers torch.ops.fastdensity.*; one that cannot be imported (no
 # Triton, a Triton too old) leaves its op on the reference path under "auto" (see backend.py). Which
@@ -45,8 +46,9 @@ def affine_coupling(
         shift: same shape, dtype and device as x; may be a strided view such as ``h[:, 0::2]``
             or one half of ``h.chunk(2, 1)``, read in place.
         scale_raw: like ``shift``; the unconstrained scale. Not read (may be None) for "additive".
-        scale: ``"sigmoid"`` (s = sigmoid(h + 2) + 1e-3, Glow/nflows), ``"exp"`` (s = exp(h)),
-            ``"softclamp"`` (s = exp(c tanh(h / c))) or ``"additive"`` (s = 1, NICE).
+        scale: ``"sigmoid"`` (s = sigmoid(h + 2) + 1e-3, Glow and nflows' couplings), ``"exp"``
+            (s = exp(h)), ``"softclamp"`` (s = exp(c tanh(h / c))), ``"softplus"`` (s = softplus(h) + 1e-3,
+            nflows' MAF) or ``"additive"`` (s = 1, NICE).
         inverse: compute ``x = (y - shift) / s`` from ``y`` (passed as ``x``) instead.
         clamp: ``c`` of "softclamp", positive and finite: |log s| stays below it. A real number whatever
             the scale (both paths pass it on as one).
@@ -88,8 +90,11 @@ def masked_linear(
         weight: [out, in], same dtype and device as x.
         mask: [out, in], bool or 0/1 numeric, on weight's device. A connectivity pattern: any non-zero
             entry keeps its weight, and masked-out weights are never read (NaN there is harmless).
-            The kernels cache a tile summary per mask tensor, refreshed when the mask is changed in
-            place through PyTorch (its version counter); never write it through ``.data``.
+            The kernels cache a tile summary per mask tensor. On CPU the cached pattern is compared
+            with the mask's contents on every call, so every edit is seen. On CUDA that comparison
+            would synchronise the host on every call, so the cache follows the mask's version counter
+            only: on CUDA, change a mask only through PyTorch ops on the tensor itself (``mask[i] = 0``,
+            ``copy_``, ``load_state_dict``), never through ``.data``, a NumPy or DLPack alias, or a kernel.
         bias: [out] or None.
 
     Returns:
@@ -298,7 +303,11 @@ def _check_mixture_args(x, logits, means, log_scales) -> None:
 def _mixture_log_prob(x, logits, means, log_scales, kind: str) -> torch.Tensor:
     _check_mixture_args(x, logits, means, log_scales)
     if backend.use_kernels(x, "mixture"):
-        return torch.ops.fastdensity.mixture_log_prob(x, logits, means, log_scales, kind)
+        # The shared-parameter kernel's tensor-core forward only pays where no backward follows: a backward
+        # recomputes log p in the direct form (kernels/mixture_shared.py), so when a gradient will be needed
+        # the forward takes the direct form at once.
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, logits, means, log_scales))
+        return torch.ops.fastdensity.mixture_log_prob(x, logits, means, log_scales, kind, not grad)
     return _ref_mixture.mixture_log_prob(x, logits, means, log_scales, kind)
 
 
@@ -336,10 +345,8 @@ def logistic_mixture_log_prob(x: torch.Tensor, logits: torch.Tensor, means: torc
 
 
 # ------------------------------------------------------------------------------------------------------
-# Rational-quadratic spline (appended: its reference import sits here, beside its only user)
+# Rational-quadratic spline
 # ------------------------------------------------------------------------------------------------------
-
-from .reference import spline as _ref_spline  # noqa: E402
 
 
 def _check_spline_args(x, widths, heights, derivatives, parameterization, bound, reduction, min_bin_width,

@@ -9,7 +9,11 @@ The math (``h`` = scale_raw, ``c`` = clamp; reference: ``fastdensity/reference/c
     exp         exp(h)                 h                   1
     softclamp   exp(c tanh(h/c))       c tanh(h/c)         1 - tanh(h/c)^2
     sigmoid     sigmoid(h+2) + 1e-3    log s               sigmoid(h+2) (1 - sigmoid(h+2)) / s
+    softplus    softplus(h) + 1e-3     log s               sigmoid(h) / s
     additive    1                      0                   -
+
+    softplus(h) = max(h, 0) + log1p(exp(-|h|)): exp of a non-positive number never overflows, and one
+    e = exp(-|h|) serves both softplus and sigmoid(h) = (1 or e) / (1 + e).
 
 Gradients, with upstream ``gy`` (for y) and ``gl`` (for logdet, one per row)::
 
@@ -30,7 +34,7 @@ Minimum traffic, N = elements of x, e = bytes per element (the floor the benchma
     backward (forward)  read gy, x, h; write gx, gh  (gt is gy)     5 N e
     forward + backward                                              9 N e
     (inverse backward also writes gt = -gx/s and reads t: 7 N e)
-    flops: ~10 per element forward, ~15 backward, plus 1-2 transcendentals: memory-bound everywhere.
+    flops: ~10 per element forward, ~15 backward, plus 1-3 transcendentals: memory-bound everywhere.
 
 Precision: loads in the storage dtype, math in fp32 (fp64 for fp64 data), log-det accumulated in the
 same; s = exp(.) is libdevice's exp on a GPU (see ``_exp``). ``clamp`` reaches the kernel as an fp32
@@ -55,16 +59,17 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     from triton.language.extra.cuda import libdevice
 
 from .utils import (FP_FUSION, INTERPRETED, acc_dtype, collapse_inner_dims, empty, empty_like, on_device_of,
-                    refuse_double_backward, row_tile, tl_dtype, warps_for)
+                    refuse_double_backward, row_tile, tl_dtype)
 
 __all__ = ["INTERPRETED", "SCALE_CODES", "coupling_forward", "coupling_backward", "affine_coupling_op"]
 
 # Scale functions as compile-time codes: each variant compiles its own kernel, no runtime branch.
-SCALE_CODES = {"exp": 0, "softclamp": 1, "sigmoid": 2, "additive": 3}
+SCALE_CODES = {"exp": 0, "softclamp": 1, "sigmoid": 2, "additive": 3, "softplus": 4}
 _EXP = tl.constexpr(0)
 _SOFTCLAMP = tl.constexpr(1)
 _SIGMOID = tl.constexpr(2)
 _ADDITIVE = tl.constexpr(3)
+_SOFTPLUS = tl.constexpr(4)
 
 # Triton lowers an fp32 tl.exp to ex2.approx(x * log2(e)), whose error grows with |x| (about 2 + 1.2|x|
 # ulps): s = exp(h) at h ~ 5 is several times less accurate than eager PyTorch's, enough to fail the GPU
@@ -91,6 +96,30 @@ def _sigmoid(z):
 
 
 @triton.jit
+def _log1p(e):
+    """log(1 + e) for e >= 0, accurate where e is tiny (softplus(h) for h << 0, right next to its +1e-3
+    floor, where log(1 + e) with 1 + e rounded would lose ~1e-7 absolute in fp32). Compiled: libdevice's
+    log1p. Interpreted (no libdevice there): Kahan's correction log(w) * e / (w - 1) with w = fl(1 + e),
+    which undoes the rounding of w; e itself where w rounds to 1."""
+    if _LIBDEVICE_EXP:
+        r = libdevice.log1p(e)
+    else:
+        w = 1.0 + e
+        rounds_to_one = w == 1.0
+        r = tl.where(rounds_to_one, e, tl.log(w) * (e / tl.where(rounds_to_one, 1.0, w - 1.0)))
+    return r
+
+
+@triton.jit
+def _softplus_and_sigmoid(h):
+    """``(softplus(h), sigmoid(h))`` from one exponential e = exp(-|h|) in (0, 1]."""
+    e = _exp(-tl.abs(h))
+    softplus = tl.maximum(h, 0.0) + _log1p(e)
+    sigmoid = tl.where(h >= 0, 1.0, e) / (1.0 + e)
+    return softplus, sigmoid
+
+
+@triton.jit
 def _scale_terms(h, clamp, SCALE: tl.constexpr):
     """``(s, log s, d log s / dh)`` for one tile of scale_raw, in the compute dtype of ``h``."""
     if SCALE == _EXP:
@@ -103,6 +132,11 @@ def _scale_terms(h, clamp, SCALE: tl.constexpr):
         log_s = clamp * th
         s = _exp(log_s)
         dlog = 1.0 - th * th
+    elif SCALE == _SOFTPLUS:
+        softplus, sig = _softplus_and_sigmoid(h)
+        s = softplus + tl.full(h.shape, 1e-3, h.dtype)  # in h's dtype: see the sigmoid branch
+        log_s = tl.log(s)
+        dlog = sig / s
     else:  # _SIGMOID
         sig = _sigmoid(h + 2.0)
         # Compiled Triton rounds a float literal to fp32 before it meets an fp64 tensor (1e-3 would be
@@ -114,11 +148,23 @@ def _scale_terms(h, clamp, SCALE: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(pid_b, pid_n, B, N, S, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_RS: tl.constexpr):
-    """This tile's rows, columns (flat index within a row) with their (r, s) coordinates, and its mask,
-    all int64. N = R * S comes from the host: the product of two int32 arguments could wrap."""
-    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+def _tile(pid_b, pid_n, B, N, S, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_RS: tl.constexpr,
+          WIDE: tl.constexpr):
+    """This tile's first row ``row0`` (int64), its rows relative to row0, its columns (flat index within a
+    row) with their (r, s) coordinates, and its mask.
+
+    Offsets within a tile are int32 (one register per element, 32-bit division for r and s) unless WIDE:
+    the launcher sets it when some offset relative to row0 could pass 2^31 - 1 (``_needs_wide``). Only
+    row0 times a batch stride, once per tile, is 64-bit. N = R * S comes from the host: the product of
+    two int32 arguments could wrap.
+    """
+    row0 = pid_b.to(tl.int64) * BLOCK_B
+    if WIDE:
+        rows = tl.arange(0, BLOCK_B).to(tl.int64)
+        cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    else:
+        rows = tl.arange(0, BLOCK_B)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if SPLIT_RS:
         # With S a multiple of 16 (e.g. H * W), the compiler still sees runs of 16 contiguous s.
         r = cols // S
@@ -127,8 +173,14 @@ def _tile_offsets(pid_b, pid_n, B, N, S, BLOCK_B: tl.constexpr, BLOCK_N: tl.cons
         # The inner dims collapsed to one: skip the integer division.
         r = cols * 0
         s = cols
-    mask = (rows < B)[:, None] & (cols < N)[None, :]
-    return rows, cols, r, s, mask
+    mask = (rows < B - row0)[:, None] & (cols < N)[None, :]
+    return row0, rows, cols, r, s, mask
+
+
+@triton.jit
+def _offsets(rows, r, s, s_b, s_r, s_s):
+    """Element offsets of a [rows, (r, s)] tile of one strided tensor, relative to its row0."""
+    return rows[:, None] * s_b + (r * s_r + s * s_s)[None, :]
 
 
 @triton.jit
@@ -140,15 +192,15 @@ def _coupling_fwd_kernel(
     s_h_b, s_h_r, s_h_s,
     s_out_b, s_out_r, s_out_s,
     n_col_blocks, clamp,
-    SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, SPLIT_RS: tl.constexpr,
+    SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, SPLIT_RS: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows, _, r, s, mask = _tile_offsets(pid_b, pid_n, B, N, S, BLOCK_B, BLOCK_N, SPLIT_RS)
+    row0, rows, _, r, s, mask = _tile(pid_b, pid_n, B, N, S, BLOCK_B, BLOCK_N, SPLIT_RS, WIDE)
 
-    x = tl.load(in_ptr + rows[:, None] * s_in_b + (r * s_in_r + s * s_in_s)[None, :], mask=mask)
-    t = tl.load(t_ptr + rows[:, None] * s_t_b + (r * s_t_r + s * s_t_s)[None, :], mask=mask)
+    x = tl.load(in_ptr + row0 * s_in_b + _offsets(rows, r, s, s_in_b, s_in_r, s_in_s), mask=mask)
+    t = tl.load(t_ptr + row0 * s_t_b + _offsets(rows, r, s, s_t_b, s_t_r, s_t_s), mask=mask)
     x = x.to(ACC)
     t = t.to(ACC)
     if SCALE == _ADDITIVE:
@@ -157,7 +209,7 @@ def _coupling_fwd_kernel(
         else:
             y = x + t
     else:
-        h = tl.load(h_ptr + rows[:, None] * s_h_b + (r * s_h_r + s * s_h_s)[None, :], mask=mask).to(ACC)
+        h = tl.load(h_ptr + row0 * s_h_b + _offsets(rows, r, s, s_h_b, s_h_r, s_h_s), mask=mask).to(ACC)
         sc, log_s, _ = _scale_terms(h, clamp, SCALE)
         if INVERSE:
             y = (x - t) / sc
@@ -167,9 +219,9 @@ def _coupling_fwd_kernel(
         part = tl.sum(tl.where(mask, log_s, 0.0), axis=1)
         if INVERSE:
             part = -part
-        tl.store(ld_ptr + rows * n_col_blocks + pid_n, part, mask=rows < B)
-    out_offs = rows[:, None] * s_out_b + (r * s_out_r + s * s_out_s)[None, :]
-    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(ld_ptr + row0 * n_col_blocks + rows * n_col_blocks + pid_n, part, mask=rows < B - row0)
+    out = out_ptr + row0 * s_out_b + _offsets(rows, r, s, s_out_b, s_out_r, s_out_s)
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -181,31 +233,32 @@ def _coupling_bwd_kernel(
     s_t_b, s_t_r, s_t_s,
     s_h_b, s_h_r, s_h_s,
     clamp,
-    SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, SPLIT_RS: tl.constexpr,
+    SCALE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, SPLIT_RS: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Gradients for the input, scale_raw and (inverse only) shift. Outputs are contiguous [B, N]."""
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows, cols, r, s, mask = _tile_offsets(pid_b, pid_n, B, N, S, BLOCK_B, BLOCK_N, SPLIT_RS)
-    flat = rows[:, None] * N + cols[None, :]
+    row0, rows, cols, r, s, mask = _tile(pid_b, pid_n, B, N, S, BLOCK_B, BLOCK_N, SPLIT_RS, WIDE)
+    flat = rows[:, None] * N + cols[None, :]  # in the contiguous outputs, relative to row0
+    out0 = row0 * N
 
-    gout = tl.load(gout_ptr + rows[:, None] * s_go_b + (r * s_go_r + s * s_go_s)[None, :], mask=mask).to(ACC)
-    gld = tl.load(gld_ptr + rows * s_gld_b, mask=rows < B).to(ACC)[:, None]
-    xin = tl.load(in_ptr + rows[:, None] * s_in_b + (r * s_in_r + s * s_in_s)[None, :], mask=mask).to(ACC)
-    h = tl.load(h_ptr + rows[:, None] * s_h_b + (r * s_h_r + s * s_h_s)[None, :], mask=mask).to(ACC)
+    gout = tl.load(gout_ptr + row0 * s_go_b + _offsets(rows, r, s, s_go_b, s_go_r, s_go_s), mask=mask).to(ACC)
+    gld = tl.load(gld_ptr + row0 * s_gld_b + rows * s_gld_b, mask=rows < B - row0).to(ACC)[:, None]
+    xin = tl.load(in_ptr + row0 * s_in_b + _offsets(rows, r, s, s_in_b, s_in_r, s_in_s), mask=mask).to(ACC)
+    h = tl.load(h_ptr + row0 * s_h_b + _offsets(rows, r, s, s_h_b, s_h_r, s_h_s), mask=mask).to(ACC)
     sc, _, dlog = _scale_terms(h, clamp, SCALE)
     if INVERSE:
-        t = tl.load(t_ptr + rows[:, None] * s_t_b + (r * s_t_r + s * s_t_s)[None, :], mask=mask).to(ACC)
+        t = tl.load(t_ptr + row0 * s_t_b + _offsets(rows, r, s, s_t_b, s_t_r, s_t_s), mask=mask).to(ACC)
         x = (xin - t) / sc  # the inverse's output, recomputed rather than saved
         gin = gout / sc
         gh = -(gout * x + gld) * dlog
-        tl.store(gt_ptr + flat, (-gin).to(gt_ptr.dtype.element_ty), mask=mask)
+        tl.store(gt_ptr + out0 + flat, (-gin).to(gt_ptr.dtype.element_ty), mask=mask)
     else:
         gin = gout * sc
         gh = (gout * xin * sc + gld) * dlog
-    tl.store(gin_ptr + flat, gin.to(gin_ptr.dtype.element_ty), mask=mask)
-    tl.store(gh_ptr + flat, gh.to(gh_ptr.dtype.element_ty), mask=mask)
+    tl.store(gin_ptr + out0 + flat, gin.to(gin_ptr.dtype.element_ty), mask=mask)
+    tl.store(gh_ptr + out0 + flat, gh.to(gh_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_3d(shape, tensors):
@@ -226,18 +279,45 @@ def _as_3d(shape, tensors):
         tensors[idx] = tensors[idx].contiguous()
 
 
-def _launch_config(B: int, N: int):
-    block_b, block_n = row_tile(B, N)
+#: Elements of a tile per thread (fp64: half, since an fp64 value takes two registers). Eight fp32 values are
+#: two 16-byte loads per input per thread, and with the registers that leaves (measured with ptxas for
+#: sm_90, Triton 3.6 and 3.9: 17-72 per thread for every scale and dtype, against 130-255 and spills at
+#: 32 per thread) 28 or more warps fit an SM, which keeps the loads in flight that bandwidth needs.
+#: Provisional until a GPU run compares it.
+ELEMS_PER_THREAD = 8
+MAX_WARPS = 4
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _launch_config(B: int, N: int, dtype: torch.dtype):
+    """``(BLOCK_B, BLOCK_N, grid, warps)``: tiles of up to MAX_WARPS warps of ELEMS_PER_THREAD elements."""
+    per_thread = ELEMS_PER_THREAD // 2 if dtype == torch.float64 else ELEMS_PER_THREAD
+    max_tile = MAX_WARPS * 32 * per_thread
+    block_b, block_n = row_tile(B, N, max_tile=max_tile, max_cols=max_tile)
     grid = (triton.cdiv(B, block_b), triton.cdiv(N, block_n))
-    return block_b, block_n, grid, warps_for(block_b * block_n)
+    return block_b, block_n, grid, max(1, min(MAX_WARPS, block_b * block_n // (32 * per_thread)))
+
+
+def _needs_wide(block_b: int, N: int, block_n: int, R: int, S: int, strides, row_strides=()) -> bool:
+    """Whether an offset within a tile, relative to its first row, could pass 2^31 - 1: the kernels then
+    index in int64 (WIDE). ``strides``: (batch, r, s) per strided tensor; ``row_strides``: tensors read
+    once per row; the contiguous [B, N] outputs and the columns of a tile's masked lanes count too."""
+    spans = [(block_b - 1) * abs(sb) + (R - 1) * abs(sr) + (S - 1) * abs(ss) for sb, sr, ss in strides]
+    spans += [(block_b - 1) * abs(sb) for sb in row_strides]
+    spans.append(block_b * N + block_n)
+    return max(spans) > _INT32_MAX
 
 
 def _gpu_tiles(dtype_name: str):
     """The tiles the launcher picks for the benchmark shapes [256, 6*32*32] and [65536, 64], which the CPU
-    tiers never launch; ``tests/test_sm90_compile.py`` compiles them for sm_90 too."""
-    configs = (_launch_config(256, 6 * 32 * 32), _launch_config(65536, 64))
-    return [({"BLOCK_B": bb, "BLOCK_N": bn}, {"num_warps": warps, "enable_fp_fusion": FP_FUSION})
-            for bb, bn, _, warps in configs]
+    tiers never launch, and at the first of them the (r, s) split of a strided view and int64 offsets,
+    which no benchmark case reaches; ``tests/test_sm90_compile.py`` compiles them for sm_90 too."""
+    dtype = getattr(torch, dtype_name)
+    configs = (_launch_config(256, 6 * 32 * 32, dtype), _launch_config(65536, 64, dtype))
+    variants = [({"BLOCK_B": bb, "BLOCK_N": bn}, {"num_warps": warps, "enable_fp_fusion": FP_FUSION})
+                for bb, bn, _, warps in configs]
+    tile, options = variants[0]
+    return variants + [({**tile, "SPLIT_RS": True, "WIDE": wide}, options) for wide in (False, True)]
 
 
 SM90_VARIANTS = {"_coupling_fwd_kernel": _gpu_tiles, "_coupling_bwd_kernel": _gpu_tiles}
@@ -258,21 +338,24 @@ def coupling_forward(x, shift, scale_raw, scale: str, inverse: bool, clamp: floa
     N = x.numel() // B
     h = x if additive else scale_raw  # additive never reads h; any valid pointer will do
     (xin, t, h, out_v), (R, S), (sx, st, sh, so) = _as_3d(x.shape, (x, shift, h, out))
-    block_b, block_n, grid, warps = _launch_config(B, N)
-    partial = empty((B, grid[1]), dtype=acc, device=x.device)
+    block_b, block_n, grid, warps = _launch_config(B, N, x.dtype)
+    wide = _needs_wide(block_b, N, block_n, R, S, (sx, st, sh, so))
+    # flat, so that with one column block the log-det is this allocation itself, not a view of it: callers
+    # (nflows' couplings) add into the log-det in place, which autograd refuses on a custom op's view output
+    partial = empty((B * grid[1],), dtype=acc, device=x.device)
     with on_device_of(x):
         _coupling_fwd_kernel[grid](
             xin, t, h, out_v, partial,
             B, N, S, *sx, *st, *sh, *so,
             grid[1], float(clamp),
-            SCALE=SCALE_CODES[scale], INVERSE=inverse, ACC=tl_dtype(acc), SPLIT_RS=R > 1,
+            SCALE=SCALE_CODES[scale], INVERSE=inverse, ACC=tl_dtype(acc), SPLIT_RS=R > 1, WIDE=wide,
             BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps, enable_fp_fusion=FP_FUSION,
         )
     if out_v is not out:  # the output itself needed a contiguous stand-in
         out.copy_(out_v)
     if additive:
         return out, torch.zeros(B, dtype=acc, device=x.device)
-    logdet = partial[:, 0] if grid[1] == 1 else partial.sum(dim=1)
+    logdet = partial if grid[1] == 1 else partial.view(B, grid[1]).sum(dim=1)
     return out, logdet
 
 
@@ -291,13 +374,14 @@ def coupling_backward(grad_out, grad_logdet, inp, shift, scale_raw, scale: str, 
         return grad_in, grad_h, grad_t
     N = inp.numel() // B
     (go, xin, t, h), (R, S), (sgo, sx, st, sh) = _as_3d(inp.shape, (grad_out, inp, shift, scale_raw))
-    block_b, block_n, grid, warps = _launch_config(B, N)
+    block_b, block_n, grid, warps = _launch_config(B, N, inp.dtype)
+    wide = _needs_wide(block_b, N, block_n, R, S, (sgo, sx, st, sh), (grad_logdet.stride(0),))
     with on_device_of(inp):
         _coupling_bwd_kernel[grid](
             go, grad_logdet, xin, t, h, grad_in, grad_h, grad_t if inverse else grad_in,
             B, N, S, *sgo, grad_logdet.stride(0), *sx, *st, *sh,
             float(clamp),
-            SCALE=SCALE_CODES[scale], INVERSE=inverse, ACC=tl_dtype(acc), SPLIT_RS=R > 1,
+            SCALE=SCALE_CODES[scale], INVERSE=inverse, ACC=tl_dtype(acc), SPLIT_RS=R > 1, WIDE=wide,
             BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps, enable_fp_fusion=FP_FUSION,
         )
     return grad_in, grad_h, grad_t

@@ -181,12 +181,18 @@ def _lse_step(run_max, run_sum, v):
 
 
 @triton.jit
-def _pixel_block(pid, n_blocks, HW, W, BLOCK: tl.constexpr):
-    """Image index (int64 scalar), pixel index in the image, (h, w) in int64 and the lane mask."""
+def _pixel_block(pid, n_blocks, HW, W, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """Image index (int64 scalar), pixel index in the image, (h, w) and the lane mask.
+
+    Offsets within one image are int32 (one register per pixel, 32-bit division for h and w) unless WIDE:
+    the launcher sets it when one could pass 2^31 - 1 (``_needs_wide``). Each image's base (b times its
+    batch stride) is a 64-bit scalar, and the parameter groups are walked by 64-bit pointer increments.
+    """
     b = (pid // n_blocks).to(tl.int64)
     hw = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = hw < HW
-    hw = hw.to(tl.int64)
+    if WIDE:
+        hw = hw.to(tl.int64)
     return b, hw, hw // W, hw % W, mask
 
 
@@ -262,12 +268,16 @@ def _dmol_fwd_kernel(
     s_xb, s_xc, s_xh, s_xw,
     s_pb, s_pc, s_ph, s_pw, s_group,
     RGB: tl.constexpr, REDUCE: tl.constexpr, H: tl.constexpr, EDGE: tl.constexpr,
-    LOG_HALF_LEVELS: tl.constexpr, SERIES_TERMS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    LOG_HALF_LEVELS: tl.constexpr, SERIES_TERMS: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b, hw, hh, ww, mask = _pixel_block(pid, n_blocks, HW, W, BLOCK)
-    x0, x1, x2 = _pixel_values(x_ptr + b * s_xb + hh * s_xh + ww * s_xw, s_xc, mask, RGB, ACC)
-    q = p_ptr + b * s_pb + hh * s_ph + ww * s_pw  # component k's logit, advanced one channel per k
+    b, hw, hh, ww, mask = _pixel_block(pid, n_blocks, HW, W, BLOCK, WIDE)
+    x0, x1, x2 = _pixel_values(x_ptr + b * s_xb + (hh * s_xh + ww * s_xw), s_xc, mask, RGB, ACC)
+    # Component k's logit is at q + q_pix: the image's base q (a scalar, advanced one channel per k) and
+    # the pixel's offset, so that no 64-bit pointer per pixel is carried through the loop.
+    q = p_ptr + b * s_pb
+    q_pix = hh * s_ph + ww * s_pw
 
     joint_max = tl.full([BLOCK], float("-inf"), ACC)
     joint_sum = tl.zeros([BLOCK], ACC)
@@ -275,7 +285,7 @@ def _dmol_fwd_kernel(
     prior_sum = tl.zeros([BLOCK], ACC)
     for _k in range(0, K):
         logit, lp, _, _, _, _, _, _, _, _, _, _, _, _ = _component(
-            q, s_group, x0, x1, x2, mask, RGB, H, EDGE, LOG_HALF_LEVELS, SERIES_TERMS, ACC)
+            q + q_pix, s_group, x0, x1, x2, mask, RGB, H, EDGE, LOG_HALF_LEVELS, SERIES_TERMS, ACC)
         joint_max, joint_sum = _lse_step(joint_max, joint_sum, logit + lp)
         prior_max, prior_sum = _lse_step(prior_max, prior_sum, logit)
         q += s_pc
@@ -283,13 +293,13 @@ def _dmol_fwd_kernel(
     lse_joint = joint_max + tl.log(joint_sum)
     lse_logits = prior_max + tl.log(prior_sum)
     log_prob = lse_joint - lse_logits
-    flat = b * HW + hw
-    tl.store(lse_ptr + flat, lse_joint, mask=mask)
-    tl.store(lsel_ptr + flat, lse_logits, mask=mask)
+    image = b * HW  # the [B, H, W] outputs' offset of this image
+    tl.store(lse_ptr + image + hw, lse_joint, mask=mask)
+    tl.store(lsel_ptr + image + hw, lse_logits, mask=mask)
     if REDUCE:
         tl.store(out_ptr + pid, tl.sum(tl.where(mask, log_prob, 0.0), axis=0))
     else:
-        tl.store(out_ptr + flat, log_prob, mask=mask)
+        tl.store(out_ptr + image + hw, log_prob, mask=mask)
 
 
 @triton.jit
@@ -301,32 +311,37 @@ def _dmol_bwd_kernel(
     s_gb, s_gh, s_gw,
     s_qb, s_qc, s_qh, s_qw, s_qgroup,
     RGB: tl.constexpr, GRAD_X: tl.constexpr, H: tl.constexpr, EDGE: tl.constexpr,
-    LOG_HALF_LEVELS: tl.constexpr, SERIES_TERMS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    LOG_HALF_LEVELS: tl.constexpr, SERIES_TERMS: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Gradients for params (every channel) and, with GRAD_X, for x (contiguous [B, C, H, W])."""
     pid = tl.program_id(0)
-    b, hw, hh, ww, mask = _pixel_block(pid, n_blocks, HW, W, BLOCK)
-    x0, x1, x2 = _pixel_values(x_ptr + b * s_xb + hh * s_xh + ww * s_xw, s_xc, mask, RGB, ACC)
-    flat = b * HW + hw
+    b, hw, hh, ww, mask = _pixel_block(pid, n_blocks, HW, W, BLOCK, WIDE)
+    x0, x1, x2 = _pixel_values(x_ptr + b * s_xb + (hh * s_xh + ww * s_xw), s_xc, mask, RGB, ACC)
+    image = b * HW  # the [B, H, W] inputs' offset of this image
     # g has strides (s_gb, 0, 0) when the output was summed to [B]: one value per image.
-    g = tl.load(g_ptr + b * s_gb + hh * s_gh + ww * s_gw, mask=mask, other=0.0).to(ACC)
-    lse_joint = tl.load(lse_ptr + flat, mask=mask, other=0.0)
-    lse_logits = tl.load(lsel_ptr + flat, mask=mask, other=0.0)
-    q = p_ptr + b * s_pb + hh * s_ph + ww * s_pw  # component k's logit (o: its gradient), one channel per k
-    o = gp_ptr + b * s_qb + hh * s_qh + ww * s_qw
+    g = tl.load(g_ptr + b * s_gb + (hh * s_gh + ww * s_gw), mask=mask, other=0.0).to(ACC)
+    lse_joint = tl.load(lse_ptr + image + hw, mask=mask, other=0.0)
+    lse_logits = tl.load(lsel_ptr + image + hw, mask=mask, other=0.0)
+    # Component k's logit (its gradient) is at q + q_pix (o + o_pix): as in the forward.
+    q = p_ptr + b * s_pb
+    q_pix = hh * s_ph + ww * s_pw
+    o = gp_ptr + b * s_qb
+    o_pix = hh * s_qh + ww * s_qw
     gx0 = tl.zeros([BLOCK], ACC)
     gx1 = tl.zeros([BLOCK], ACC)
     gx2 = tl.zeros([BLOCK], ACC)
     for _k in range(0, K):
         logit, lp, dd0, dls0, dd1, dls1, dd2, dls2, c0, dc0, c1, dc1, c2, dc2 = _component(
-            q, s_group, x0, x1, x2, mask, RGB, H, EDGE, LOG_HALF_LEVELS, SERIES_TERMS, ACC)
+            q + q_pix, s_group, x0, x1, x2, mask, RGB, H, EDGE, LOG_HALF_LEVELS, SERIES_TERMS, ACC)
         # Posterior and prior weight of this component; g folded into the posterior once.
         post = tl.exp(logit + lp - lse_joint)
         prior = tl.exp(logit - lse_logits)
         gr = g * post
         # The groups in the order of the parameters (see _component).
-        tl.store(o, (g * post - g * prior).to(o.dtype.element_ty), mask=mask)
-        og = _store_next(o, s_qgroup, -gr * dd0, mask)
+        og = o + o_pix
+        tl.store(og, (g * post - g * prior).to(og.dtype.element_ty), mask=mask)
+        og = _store_next(og, s_qgroup, -gr * dd0, mask)
         og = _store_next(og, s_qgroup, gr * dls0, mask)
         if RGB:
             # d tanh(raw) / d raw = 1 - c^2; c_0 scales x_R in mu_G, c_1 x_R and c_2 x_G in mu_B.
@@ -352,7 +367,7 @@ def _dmol_bwd_kernel(
             tl.store(gxp + HW, gx1.to(gx_ty), mask=mask)
             tl.store(gxp + HW + HW, gx2.to(gx_ty), mask=mask)
         else:
-            tl.store(gx_ptr + b * HW + hw, gx0.to(gx_ty), mask=mask)
+            tl.store(gx_ptr + image + hw, gx0.to(gx_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,19 +393,49 @@ def _constants(num_bits: int, acc: torch.dtype) -> dict:
     )
 
 
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _needs_wide(HW: int, block: int, H: int, W: int, *strides) -> bool:
+    """Whether an offset within one image could pass 2^31 - 1: the pixel index of a program's masked lanes
+    (below HW + BLOCK), or (H - 1) s_h + (W - 1) s_w for any ``(s_h, s_w)`` in ``strides``."""
+    spans = [HW + block] + [(H - 1) * abs(sh) + (W - 1) * abs(sw) for sh, sw in strides]
+    return max(spans) > _INT32_MAX
+
+
 def _block(hw: int) -> tuple[int, int]:
     """Pixels per program and warps: one pixel per thread, at most 128 (provisional until GPU tuning)."""
     block = min(128, max(16, next_pow2(hw)))
     return block, max(1, block // 32)
 
 
-#: Launches ``fastdensity verify``'s CPU cases never make, compiled for sm_90 by tests/test_sm90_compile.py
-#: (which takes the first and last entry): the backward with the x gradient (verify asks for params'
-#: only), RGB and one channel, at the largest pixel block.
-SM90_VARIANTS = {"_dmol_bwd_kernel": lambda dtype_name: [
-    ({"GRAD_X": True, "RGB": True, "BLOCK": 128}, {"num_warps": 4, "enable_fp_fusion": FP_FUSION}),
-    ({"GRAD_X": True, "RGB": False, "BLOCK": 128}, {"num_warps": 4, "enable_fp_fusion": FP_FUSION}),
-]}
+#: Registers the float64 RGB backward may use. Its body (one pixel per thread) needs ~174; left to itself,
+#: ptxas holds a 4-warp block to 168 so that 3 fit an SM, and spills (measured for sm_90, Triton 3.6 and
+#: 3.9). With this limit it does not spill, and in one-warp blocks 11 fit an SM (occupancy 0.17).
+FP64_RGB_BWD_MAXNREG = 184
+
+
+def _bwd_launch(hw: int, acc: torch.dtype, rgb: bool) -> tuple[int, dict]:
+    """The backward's pixels per program and launch options (warps, and the register limit of float64 RGB)."""
+    block, warps = _block(hw)
+    if acc == torch.float64 and rgb:
+        return min(block, 32), {"num_warps": 1, "maxnreg": FP64_RGB_BWD_MAXNREG, "enable_fp_fusion": FP_FUSION}
+    return block, {"num_warps": warps, "enable_fp_fusion": FP_FUSION}
+
+
+#: Launches ``fastdensity verify``'s CPU cases never make, compiled for sm_90 by tests/test_sm90_compile.py:
+#: the backward with the x gradient (verify asks for params' only), RGB and one channel, at the largest
+#: pixel block, and with int64 offsets (images of 2^31 elements and more).
+def _bwd_variants(dtype_name: str) -> list[tuple[dict, dict]]:
+    acc = acc_dtype(getattr(torch, dtype_name))
+    out = []
+    for rgb, wide in ((True, False), (False, False), (True, True)):
+        block, options = _bwd_launch(1024, acc, rgb)
+        out.append(({"GRAD_X": True, "RGB": rgb, "WIDE": wide, "BLOCK": block}, options))
+    return out
+
+
+SM90_VARIANTS = {"_dmol_bwd_kernel": _bwd_variants}
 
 
 def dmol_forward(x: torch.Tensor, params: torch.Tensor, num_bits: int, reduce_sum: bool):
@@ -416,7 +461,8 @@ def dmol_forward(x: torch.Tensor, params: torch.Tensor, num_bits: int, reduce_su
             x, params, out, lse_joint, lse_logits,
             K, HW, W, n_blocks,
             *x.stride(), *params.stride(), K * params.stride(1),
-            RGB=C == 3, REDUCE=reduce_sum, BLOCK=block, num_warps=warps, enable_fp_fusion=FP_FUSION,
+            RGB=C == 3, REDUCE=reduce_sum, WIDE=_needs_wide(HW, block, Hh, W, x.stride()[2:], params.stride()[2:]),
+            BLOCK=block, num_warps=warps, enable_fp_fusion=FP_FUSION,
             **_constants(num_bits, acc),
         )
     if reduce_sum:
@@ -442,7 +488,7 @@ def dmol_backward(grad_out, x, params, lse_joint, lse_logits, num_bits: int, nee
         g_strides = (grad_out.stride(0), 0, 0)
     else:
         g_strides = grad_out.stride()
-    block, warps = _block(HW)
+    block, options = _bwd_launch(HW, acc, C == 3)
     n_blocks = triton.cdiv(HW, block)
     if B * HW > 0:
         _dmol_bwd_kernel[(B * n_blocks,)](
@@ -451,8 +497,10 @@ def dmol_backward(grad_out, x, params, lse_joint, lse_logits, num_bits: int, nee
             *x.stride(), *params.stride(), K * params.stride(1),
             *g_strides,
             *grad_params.stride(), K * grad_params.stride(1),
-            RGB=C == 3, GRAD_X=need_grad_x, BLOCK=block, num_warps=warps, enable_fp_fusion=FP_FUSION,
-            **_constants(num_bits, acc),
+            RGB=C == 3, GRAD_X=need_grad_x,
+            WIDE=_needs_wide(HW, block, Hh, W, x.stride()[2:], params.stride()[2:], g_strides[1:],
+                             grad_params.stride()[2:]),
+            BLOCK=block, **options, **_constants(num_bits, acc),
         )
     return grad_params, grad_x
 
@@ -523,3 +571,9 @@ refuse_double_backward(dmol_log_prob_backward_op, "dmol_log_prob")
 SM90_OCCUPANCY_FLOOR = {name: (0.25, "memory-bound: each pixel reads its 10K (RGB) parameters once for ~3 "
                                      "transcendentals each; 16 warps keep ~30 KB per SM in flight, as 4.8 TB/s needs")
                         for name in ("_dmol_fwd_kernel", "_dmol_bwd_kernel")}
+SM90_OCCUPANCY_FLOOR["_dmol_bwd_kernel[float64]"] = (
+    0.17, "float64 is bound by the FP64 pipe, not by memory: its sm_90 code runs ~1230 fp64 instructions "
+            "(DFMA, DMUL, DADD; exp, log and division are DFMA sequences in fp64) per pixel and RGB component "
+            "against 160 bytes moved, 73 ps at 132 SMs x 64 fp64 lanes x 1.98 GHz against 37 ps at 4.3 TB/s. "
+            "One pixel per thread is the smallest tile, and its body takes 158-174 registers (FP64_RGB_BWD_MAXNREG): "
+            "11-12 warps per SM, ~3 per scheduler, each with three channels' independent chains, keep that pipe busy")

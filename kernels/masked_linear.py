@@ -52,7 +52,9 @@ e = bytes per element:
     (plus one byte per mask entry of the PARTIAL tiles; dense cuBLAS does the same with f = 1)
 
 Block sizes are launcher heuristics (``launch_config``), not autotuned: one tile shape per problem
-serves all three kernels so that one cached tile table serves them too.
+serves all three kernels so that one cached tile table serves them too. Each mask tile is multiplied
+in one or more steps along the reduction (``CHUNK_R`` columns for forward and grad_x, ``BLOCK_M`` rows
+for grad_W), narrow enough for the operands of one step to stay in registers.
 """
 from __future__ import annotations
 
@@ -104,12 +106,14 @@ def _masked_matmul_kernel(
     M, P, R,
     s_am, s_ar, s_br, s_bp, s_mr, s_mp, s_bias, s_cm, s_cp, s_order,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """C[M, P] = A[M, R] @ (B * mask)[R, P] (+ bias[P]), visiting only the live R-tiles of each P-tile.
 
     ``order_ptr[p, :]`` lists the R-tile indices of P-tile p, FULL ones first; ``count_ptr[p]`` holds
-    (#FULL, #FULL + #PARTIAL). B and the mask share their (r, p) indexing, given by strides.
+    (#FULL, #FULL + #PARTIAL). B and the mask share their (r, p) indexing, given by strides. Each
+    R-tile is multiplied in BLOCK_R / CHUNK_R steps of CHUNK_R columns (see ``launch_config``).
     """
     # Grouped launch order (as in Triton's matmul tutorial): GROUP_M consecutive row tiles sweep the
     # column tiles together, so the B tiles they share are still in L2 when the next row tile needs them.
@@ -124,7 +128,7 @@ def _masked_matmul_kernel(
 
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rp = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rr = tl.arange(0, BLOCK_R)
+    rr = tl.arange(0, CHUNK_R)
     m_ok = rm < M
     p_ok = rp < P
     a_rows = a_ptr + rm[:, None] * s_am
@@ -134,18 +138,21 @@ def _masked_matmul_kernel(
     n_full = tl.load(count_ptr + 2 * pid_p)
     n_live = tl.load(count_ptr + 2 * pid_p + 1)
 
+    # One flat loop over (live tile, chunk) steps, as one loop pipelines where two nested ones would not;
+    # with CHUNK_R == BLOCK_R the divisions by STEPS fold away.
+    STEPS: tl.constexpr = BLOCK_R // CHUNK_R
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=ACC)
     # FULL tiles: a plain matmul step, no mask traffic.
-    for i in range(0, n_full):
-        r = tl.load(tiles + i).to(tl.int64) * BLOCK_R + rr
+    for it in range(0, n_full * STEPS):
+        r = tl.load(tiles + it // STEPS).to(tl.int64) * BLOCK_R + (it % STEPS) * CHUNK_R + rr
         r_ok = r < R
         a = tl.load(a_rows + r[None, :] * s_ar, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         b = tl.load(b_cols + r[:, None] * s_br, mask=r_ok[:, None] & p_ok[None, :], other=0.0)
         acc = _mma(acc, a, b, USE_DOT, PRECISION)
     # PARTIAL tiles: zero the masked-out weights before the product (a select, not a multiply, so a
     # NaN stored under a zero of the mask stays out).
-    for i in range(n_full, n_live):
-        r = tl.load(tiles + i).to(tl.int64) * BLOCK_R + rr
+    for it in range(n_full * STEPS, n_live * STEPS):
+        r = tl.load(tiles + it // STEPS).to(tl.int64) * BLOCK_R + (it % STEPS) * CHUNK_R + rr
         r_ok = r < R
         rp_ok = r_ok[:, None] & p_ok[None, :]
         a = tl.load(a_rows + r[None, :] * s_ar, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
@@ -208,38 +215,66 @@ def _masked_grad_weight_kernel(
 @dataclass(frozen=True)
 class LaunchConfig:
     """Block sizes of one problem. ``tile_n x tile_k`` is the mask tile of the tile table, which is also
-    the output tile of the forward (tile_n columns), of grad_x (tile_k columns) and of grad_W."""
+    the output tile of the forward (tile_n columns), of grad_x (tile_k columns) and of grad_W.
+
+    block_m:  rows of x (forward) or g (grad_x) per program
+    chunk_r:  reduction columns per product step of forward and grad_x (None: one whole mask tile)
+    gw_rows:  rows of g and x per product step of grad_W
+    """
 
     tile_n: int
     tile_k: int
     block_m: int
+    chunk_r: Optional[int]
+    gw_rows: int
     use_dot: bool
     num_warps: int
     num_stages: int
     group_m: int = 8
 
 
-def launch_config(M: int, N: int, K: int, dtype: torch.dtype) -> LaunchConfig:
-    """Heuristic block sizes (provisional: to be tuned on an H100).
+#: Reduction steps: of fp32 IEEE products, and of the tensor cores' (bf16, fp16, TF32); see ``launch_config``.
+IEEE_CHUNK = 16
+MMA_CHUNK = 32
+
+
+def launch_config(M: int, N: int, K: int, dtype: torch.dtype, precision: Optional[str] = None) -> LaunchConfig:
+    """Heuristic block sizes (provisional: to be tuned on an H100). ``precision``: fp32's tl.dot
+    precision, PyTorch's current choice (:func:`_fp32_precision`) when None.
 
     Tiles aim at ~16 per side of the mask (fine enough to follow a triangle's edge, at least 16 for
-    ``tl.dot``), capped at 128 output columns x 64 reduction columns, the usual Hopper matmul tile.
-    fp64 keeps every tile at 16: its outer-product sum holds a [16, 16, 16] block in registers.
+    ``tl.dot``), capped at 64 x 64. Every choice below keeps the compiled kernels out of local memory:
+    the figures are ptxas' for sm_90 under Triton 3.6 and 3.9 (registers per thread; the static tier,
+    ``fastdensity.sm90``, checks every launch that verify and the benchmarks make).
 
-    Pipeline depth: each stage buffers one A and one B tile in shared memory, and fp32 tiles take twice
-    the bytes of 16-bit ones. Compiled for sm_90 with 3 stages, the largest fp32 grad-weight tile (a
-    128 x 64 output over 128 rows, TF32) needs 288 KiB, past the H100's 227 KiB per block - an error at
-    launch on the GPU, not at compile time. fp32 therefore keeps 2 stages (at most 192 KiB).
+    * tensor cores (bf16, fp16, TF32): outputs of up to 128 rows x 64 columns over 32-wide steps
+      (:data:`MMA_CHUNK`; grad_W over 32 rows), 8 warps for 64 x 64 mask tiles, 3 stages (2 for fp32,
+      whose tiles take twice the bytes): at most ~200 registers, also where odd strides keep the loads
+      from vectorising. Before, 128 x 128 outputs on 8 warps and 128 x 64 on 4 over whole 64-wide tiles
+      reached 255 registers and spilled 0.5-1.9 KB: each thread holds the 64-bit addresses of its share
+      of both operand tiles, and Triton did not pipeline the 128 x 128 loads.
+    * fp32 IEEE (``torch.get_float32_matmul_precision() == "highest"``, PyTorch's default) has no
+      tensor-core form: tl.dot becomes CUDA-core FMAs, and that lowering holds in registers every A and B
+      element a thread needs for the whole step (a 128 x 64 output on 4 warps over a 64-wide step: 16 x 64
+      of A and 64 x 4 of B, ~1300 values), which ptxas spilled as 28-37 KB of local memory per thread
+      (at 32 registers). IEEE therefore multiplies 16-wide steps (:data:`IEEE_CHUNK`; Triton 3.6 rejects
+      a narrower fp32 tl.dot) into outputs of at most 64 x 64 on 8 warps, unpipelined: 32-128
+      registers, occupancy 0.25-1 (2 stages, or 4 warps on narrow tiles, spilled 4 bytes under 3.9).
+    * fp64 keeps every tile at 16: its outer-product sum holds a [16, 16, 16] block in registers
+      (grad_W sums 8 rows per step: over 16, Triton 3.6 spilled 4 bytes).
     """
     if dtype == torch.float64:
-        return LaunchConfig(tile_n=16, tile_k=16, block_m=16, use_dot=False, num_warps=4, num_stages=1)
-    tile_n = min(max(next_pow2(N) // 16, 16), 128)
+        return LaunchConfig(tile_n=16, tile_k=16, block_m=16, chunk_r=None, gw_rows=8, use_dot=False,
+                            num_warps=4, num_stages=1)
+    tile_n = min(max(next_pow2(N) // 16, 16), 64)
     tile_k = min(max(next_pow2(K) // 16, 16), 64)
-    block_m = min(max(next_pow2(M), 16), 128)
-    warps = 8 if block_m * max(tile_n, tile_k) >= 128 * 128 else 4
-    stages = 2 if dtype == torch.float32 else 3
-    return LaunchConfig(tile_n=tile_n, tile_k=tile_k, block_m=block_m, use_dot=True, num_warps=warps,
-                        num_stages=stages)
+    rows = max(next_pow2(M), 16)
+    if dtype == torch.float32 and (precision or _fp32_precision()) == "ieee":
+        return LaunchConfig(tile_n=tile_n, tile_k=tile_k, block_m=min(rows, 64), chunk_r=IEEE_CHUNK,
+                            gw_rows=min(rows, IEEE_CHUNK), use_dot=True, num_warps=8, num_stages=1)
+    return LaunchConfig(tile_n=tile_n, tile_k=tile_k, block_m=min(rows, 128), chunk_r=MMA_CHUNK,
+                        gw_rows=min(rows, MMA_CHUNK), use_dot=True, num_warps=8 if tile_n * tile_k >= 64 * 64 else 4,
+                        num_stages=2 if dtype == torch.float32 else 3)
 
 
 def _fp32_precision() -> str:
@@ -344,18 +379,23 @@ def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), width)
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for ``dtype`` operands (ignored for 16-bit ones)."""
+    return _fp32_precision() if dtype == torch.float32 else "tf32"
+
+
 def _matmul_launch(a, b_strides, weight, mask, mask_strides, bias, out, order, count, P, R,
-                   cfg: LaunchConfig, block_p: int, block_r: int):
+                   cfg: LaunchConfig, precision: str, block_p: int, block_r: int):
     M = a.shape[0]
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(P, block_p),)
-    prec = _fp32_precision() if a.dtype == torch.float32 else "tf32"  # ignored for 16-bit operands
     _masked_matmul_kernel[grid](
         a, weight, mask, out if bias is None else bias, out, order, count,
         M, P, R,
         a.stride(0), a.stride(1), *b_strides, *mask_strides, 0 if bias is None else bias.stride(0),
         out.stride(0), out.stride(1), order.stride(0),
-        HAS_BIAS=bias is not None, USE_DOT=cfg.use_dot, PRECISION=prec, ACC=tl_dtype(acc_dtype(a.dtype)),
-        BLOCK_M=cfg.block_m, BLOCK_P=block_p, BLOCK_R=block_r, GROUP_M=cfg.group_m,
+        HAS_BIAS=bias is not None, USE_DOT=cfg.use_dot, PRECISION=precision, ACC=tl_dtype(acc_dtype(a.dtype)),
+        BLOCK_M=cfg.block_m, BLOCK_P=block_p, BLOCK_R=block_r, CHUNK_R=min(cfg.chunk_r or block_r, block_r),
+        GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )
 
@@ -366,53 +406,56 @@ def masked_linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Ten
 
     x is read through its strides when its leading dims flatten to one without a copy (``reshape``);
     weight, mask and bias through theirs (a bias such as ``params[:, 0]`` is read in place). y is
-    contiguous, in x's dtype.
+    contiguous, in x's dtype, and is the allocation itself, not a view of one: a custom op's output
+    that is a view cannot be edited in place under autograd (nflows' MADE adds its context that way).
     """
     N, K = weight.shape
     x2 = _rows(x, K)
     M = x2.shape[0]
-    cfg = launch_config(M, N, K, x.dtype)
-    y = empty((M, N), dtype=x.dtype, device=x.device)
+    precision = _precision(x.dtype)
+    cfg = launch_config(M, N, K, x.dtype, precision)
+    y = empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     if M > 0 and N > 0:  # K == 0 still launches: no live tiles, y = bias (or 0)
         tiles = mask_tiles(mask, cfg.tile_n, cfg.tile_k)
         _matmul_launch(x2, (weight.stride(1), weight.stride(0)), weight, mask, (mask.stride(1), mask.stride(0)),
-                       bias, y, tiles.fwd_order, tiles.fwd_count, N, K, cfg, cfg.tile_n, cfg.tile_k)
-    return y.view(*x.shape[:-1], N)
+                       bias, y.view(M, N), tiles.fwd_order, tiles.fwd_count, N, K, cfg, precision, cfg.tile_n,
+                       cfg.tile_k)
+    return y
 
 
 def masked_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                            need_x: bool, need_weight: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(grad_x, grad_weight)``, each None when not asked for. grad_x is x-shaped and contiguous;
-    grad_weight [N, K] contiguous, exactly zero where the mask is zero. Accumulates in fp32 (fp64)."""
+    """``(grad_x, grad_weight)``, each None when not asked for. grad_x is x-shaped and contiguous (its own
+    allocation, not a view); grad_weight [N, K] contiguous, exactly zero where the mask is zero.
+    Accumulates in fp32 (fp64)."""
     N, K = weight.shape
     g2 = _rows(grad_y, N)
     x2 = _rows(x, K)
     M = x2.shape[0]
-    cfg = launch_config(M, N, K, x.dtype)
+    precision = _precision(x.dtype)
+    cfg = launch_config(M, N, K, x.dtype, precision)
     tiles = mask_tiles(mask, cfg.tile_n, cfg.tile_k) if N > 0 and K > 0 else None
     grad_x = grad_w = None
     if need_x:
-        grad_x = empty((M, K), dtype=x.dtype, device=x.device)
+        grad_x = empty(x.shape, dtype=x.dtype, device=x.device)
         if M > 0 and K > 0:
             if tiles is None:  # N == 0: nothing flows back
                 grad_x.zero_()
             else:
                 _matmul_launch(g2, (weight.stride(0), weight.stride(1)), weight, mask,
-                               (mask.stride(0), mask.stride(1)), None, grad_x, tiles.bwd_order, tiles.bwd_count,
-                               K, N, cfg, cfg.tile_k, cfg.tile_n)
-        grad_x = grad_x.view(x.shape)
+                               (mask.stride(0), mask.stride(1)), None, grad_x.view(M, K), tiles.bwd_order,
+                               tiles.bwd_count, K, N, cfg, precision, cfg.tile_k, cfg.tile_n)
     if need_weight:
         grad_w = empty((N, K), dtype=weight.dtype, device=weight.device)
         if tiles is not None:
             n_k_tiles = tiles.kind.shape[1]
-            prec = _fp32_precision() if x.dtype == torch.float32 else "tf32"
             _masked_grad_weight_kernel[(tiles.kind.numel(),)](
                 g2, x2, mask, tiles.kind, grad_w,
                 M, N, K,
                 g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1), mask.stride(0), mask.stride(1),
                 grad_w.stride(0), grad_w.stride(1), n_k_tiles,
-                USE_DOT=cfg.use_dot, PRECISION=prec, ACC=tl_dtype(acc_dtype(x.dtype)),
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.tile_n, BLOCK_K=cfg.tile_k,
+                USE_DOT=cfg.use_dot, PRECISION=precision, ACC=tl_dtype(acc_dtype(x.dtype)),
+                BLOCK_M=cfg.gw_rows, BLOCK_N=cfg.tile_n, BLOCK_K=cfg.tile_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
             )
     return grad_x, grad_w
@@ -477,20 +520,20 @@ refuse_double_backward(masked_linear_backward_op, "masked_linear")
 
 def _sm90_variants(dtype_name: str, grad_weight: bool):
     """Tiles the launcher picks for GPU-sized problems (MADE's 2048 x 2048 at batch 8192, and a narrow
-    layer), for the compile tier (tests/test_sm90_compile.py)."""
+    layer), under each fp32 precision, for the compile tier (tests/test_sm90_compile.py)."""
     dtype = getattr(torch, dtype_name)
     out = []
     for M, N, K in ((8192, 2048, 2048), (512, 64, 32)):
-        cfg = launch_config(M, N, K, dtype)
-        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": FP_FUSION}
-        precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-        for p in precisions:
+        for p in ("ieee", "tf32") if dtype == torch.float32 else ("tf32",):
+            cfg = launch_config(M, N, K, dtype, p)
+            options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": FP_FUSION}
             if grad_weight:
-                tiles = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.tile_n, "BLOCK_K": cfg.tile_k}
+                tiles = {"BLOCK_M": cfg.gw_rows, "BLOCK_N": cfg.tile_n, "BLOCK_K": cfg.tile_k}
                 out.append(({**tiles, "USE_DOT": cfg.use_dot, "PRECISION": p}, options))
             else:  # the forward (P = N, R = K) and grad_x (P = K, R = N) tilings
                 for bp, br in ((cfg.tile_n, cfg.tile_k), (cfg.tile_k, cfg.tile_n)):
-                    tiles = {"BLOCK_M": cfg.block_m, "BLOCK_P": bp, "BLOCK_R": br, "GROUP_M": cfg.group_m}
+                    tiles = {"BLOCK_M": cfg.block_m, "BLOCK_P": bp, "BLOCK_R": br,
+                             "CHUNK_R": min(cfg.chunk_r or br, br), "GROUP_M": cfg.group_m}
                     out.append(({**tiles, "USE_DOT": cfg.use_dot, "PRECISION": p}, options))
     return out
 
@@ -504,5 +547,7 @@ SM90_VARIANTS = {
 #: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
 #: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
 SM90_OCCUPANCY_FLOOR = {name: (0.125, "tensor-core GEMM tiles: the num_stages-deep load pipeline and the MMAs' "
-                                      "own parallelism hide latency, so one 8-warp or two 4-warp blocks per SM suffice")
+                                      "own parallelism hide latency, so one 8-warp or two 4-warp blocks per SM suffice"
+                                      "; the CUDA-core paths (fp32 IEEE, fp64) stay above it: "
+                                      "IEEE (64 x 64 on 8 warps, unpipelined) and fp64 measure 0.25-1")
                         for name in ("_masked_matmul_kernel", "_masked_grad_weight_kernel")}

@@ -42,9 +42,9 @@ dims are copied to one (said so in ``_batch_view``). Gradients:
 Parameters shared by all rows with a large K D go to ``kernels/mixture_shared.py`` instead, whose
 backward reduces over rows without per-program [K, D] partials (see ``SHARED_MIN_KD``).
 
-Features: D <= MAX_BLOCK_D (half that in fp64) keeps a row's features in registers for the whole
-component loop; longer rows loop over feature chunks (the forward sums C_k chunk by chunk; the backward first writes w [B, K]
-to a scratch buffer, then walks the chunks).
+Features: D <= MAX_BLOCK_D keeps a row's features in registers for the whole
+component loop; longer rows loop over feature chunks (the forward sums C_k chunk by chunk; the backward
+first writes w [B, K] to a scratch buffer, then walks the chunks).
 
 Minimum traffic, B rows, e = bytes per element, per-sample parameters (shared ones add ~nothing):
 
@@ -71,8 +71,10 @@ from .utils import (FP_FUSION, INTERPRETED, acc_dtype, collapse_inner_dims, empt
 __all__ = ["INTERPRETED", "KIND_CODES", "mixture_forward", "mixture_backward", "mixture_log_prob_op"]
 
 #: Launcher limits (provisional until measured on the H100; tests lower them to reach every path).
-MAX_BLOCK_D = 1024    # longer rows loop over feature chunks (fp64: half of each, see _blocks)
-TILE_ELEMS = 2048     # rows per program = TILE_ELEMS / BLOCK_D
+MAX_BLOCK_D = 512     # longer rows loop over feature chunks
+TILE_ELEMS = 512      # rows per program = TILE_ELEMS / BLOCK_D
+ELEMS_PER_THREAD = 4  # of a tile (fp64: half, in twice the warps): warps = tile / (32 ELEMS_PER_THREAD)
+MAX_WARPS = 8
 SHARED_MIN_KD = 512   # fully shared parameters with K * D at least this use kernels/mixture_shared.py
 
 
@@ -352,13 +354,20 @@ def _shared_flags(strides, params, B: int, B_in: int) -> list[bool]:
 
 
 def _blocks(B: int, D: int, acc: torch.dtype):
-    # An fp64 value takes two registers: fp64 tiles are half as large (half the features per chunk, the
-    # same rows), which keeps the backward's live tiles in registers (measured with ptxas for sm_90:
-    # full-size fp64 tiles spill; one row of 1024 features spills in the forward).
-    halve = 2 if acc == torch.float64 else 1
-    block_d = min(next_pow2(D), max(1, MAX_BLOCK_D // halve))
-    block_b = max(1, min(next_pow2(B), TILE_ELEMS // halve // block_d))
-    warps = 4 if block_b * block_d >= 1024 else (2 if block_b * block_d >= 256 else 1)
+    """``(BLOCK_B, BLOCK_D, one chunk?, warps)``, the same for the forward and the backward: the backward
+    recomputes each C_k summed exactly as the forward summed it, which takes the same tile and layout.
+
+    Sized for the backward, whose component loop keeps about a dozen values per element live (x, its
+    gradient, u, f'(u), exp(-l) and its overflow flag, the parameter gradients on their way out): at 4
+    elements per thread its sm_90 compiles take 64-100 registers, at 8 140-180 or spill (measured with
+    ptxas, both Tritons). An fp64 value takes two registers: fp64 tiles have 2 elements per thread, the
+    same tile in twice the warps (at 4 per thread they take 116-140 registers, or spill a few bytes).
+    Memory-bound as the kernels are, more resident warps beat wider tiles.
+    """
+    per_thread = ELEMS_PER_THREAD // 2 if acc == torch.float64 else ELEMS_PER_THREAD
+    block_d = min(next_pow2(D), MAX_BLOCK_D)
+    block_b = max(1, min(next_pow2(B), TILE_ELEMS // block_d))
+    warps = max(1, min(MAX_WARPS, block_b * block_d // (32 * per_thread)))
     return block_b, block_d, D <= block_d, warps
 
 
@@ -366,8 +375,9 @@ def _use_shared_path(shared: list[bool], K: int, D: int) -> bool:
     return all(shared) and K * D >= SHARED_MIN_KD
 
 
-def mixture_forward(x, logits, means, log_scales, kind: str) -> torch.Tensor:
-    """log p(x) with the broadcast batch shape, in the accumulation dtype (fp32 for half, fp64 for fp64)."""
+def mixture_forward(x, logits, means, log_scales, kind: str, tensor_cores: bool = True) -> torch.Tensor:
+    """log p(x) with the broadcast batch shape, in the accumulation dtype (fp32 for half, fp64 for fp64).
+    ``tensor_cores=False`` keeps the shared-parameter path in the direct form (see :func:`shared_forward`)."""
     batch, K, D, expanded = _expand(x, logits, means, log_scales)
     acc = acc_dtype(x.dtype)
     B, B_in, (xe, ae, me, le), st = _batch_view(batch, expanded)
@@ -375,7 +385,7 @@ def mixture_forward(x, logits, means, log_scales, kind: str) -> torch.Tensor:
         return empty(batch, dtype=acc, device=x.device)
     if _use_shared_path(_shared_flags(st[1:], (logits, means, log_scales), B, B_in), K, D):
         return shared_forward(xe.reshape(B, D), logits.reshape(K), means.reshape(K, D),
-                              log_scales.reshape(K, D), kind).view(batch)
+                              log_scales.reshape(K, D), kind, tensor_cores).view(batch)
     out = empty(batch, dtype=acc, device=x.device)
     block_b, block_d, one_chunk, warps = _blocks(B, D, acc)
     _mixture_fwd_kernel[(triton.cdiv(B, block_b),)](
@@ -395,9 +405,11 @@ def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.to(like.dtype)
 
 
-def mixture_backward(grad, x, logits, means, log_scales, log_prob, kind: str, need_grad_x: bool):
+def mixture_backward(grad, x, logits, means, log_scales, log_prob, kind: str, need_grad_x: bool,
+                     forward_tensor_cores: bool = True):
     """Gradients ``(dx, dlogits, dmeans, dlog_scales)``, each with its input's shape and dtype; dx is None
-    unless ``need_grad_x`` (x is usually data)."""
+    unless ``need_grad_x`` (x is usually data). ``forward_tensor_cores``: whether the forward that made
+    ``log_prob`` was allowed the tensor-core form (if not, its direct log p is used as it is)."""
     batch, K, D, expanded = _expand(x, logits, means, log_scales)
     acc = acc_dtype(x.dtype)
     B, B_in, (xe, ae, me, le), st = _batch_view(batch, expanded)
@@ -410,7 +422,8 @@ def mixture_backward(grad, x, logits, means, log_scales, log_prob, kind: str, ne
     shared = _shared_flags(st[1:], inputs[1:], B, B_in)
     if _use_shared_path(shared, K, D):
         gx, *param_grads = shared_backward(g, xe.reshape(B, D), logits.reshape(K), means.reshape(K, D),
-                                           log_scales.reshape(K, D), lp, kind, need_grad_x)
+                                           log_scales.reshape(K, D), lp, kind, need_grad_x,
+                                           forward_tensor_cores)
         gx = _reduce_to(gx.view(*batch, D), x) if need_grad_x else None
         return (gx, *(_reduce_to(gr.reshape(t.shape), t) for gr, t in zip(param_grads, inputs[1:])))
 
@@ -440,23 +453,24 @@ def mixture_backward(grad, x, logits, means, log_scales, log_prob, kind: str, ne
     return (_reduce_to(gx.view(*batch, D), x) if need_grad_x else None, *per_param)
 
 
-#: Launches ``fastdensity verify``'s CPU cases never make, compiled for sm_90 by tests/test_sm90_compile.py
-#: (which takes the first and last entry): rows longer than one tile (D > MAX_BLOCK_D), with a mix of
-#: shared and per-row parameters, and the backward without the x gradient (verify always asks for it).
-def _chunked(dtype_name: str) -> dict:
-    """The tiles the launcher picks for rows of 2 MAX_BLOCK_D features in ``dtype_name``."""
-    block_b, block_d, _, _ = _blocks(1 << 20, 2 * MAX_BLOCK_D, acc_dtype(getattr(torch, dtype_name)))
-    return {"ONE_CHUNK": False, "BLOCK_B": block_b, "BLOCK_D": block_d}
+#: Launches ``fastdensity verify``'s CPU cases never make, compiled for sm_90 by tests/test_sm90_compile.py:
+#: rows longer than one tile (D > MAX_BLOCK_D), with a mix of shared and per-row parameters, and the
+#: backward without the x gradient (verify always asks for it; this one keeps the recorded launch's tile).
+def _chunked(dtype_name: str) -> tuple[dict, dict]:
+    """The tiles and options the launcher picks for rows of 2 MAX_BLOCK_D features in ``dtype_name``."""
+    block_b, block_d, _, warps = _blocks(1 << 20, 2 * MAX_BLOCK_D, acc_dtype(getattr(torch, dtype_name)))
+    return ({"ONE_CHUNK": False, "BLOCK_B": block_b, "BLOCK_D": block_d},
+            {"num_warps": warps, "enable_fp_fusion": FP_FUSION})
 
 
-_OPTIONS = {"num_warps": 4, "enable_fp_fusion": FP_FUSION}
-SM90_VARIANTS = {
-    "_mixture_fwd_kernel": lambda dtype_name: [(_chunked(dtype_name), _OPTIONS)],
-    "_mixture_bwd_kernel": lambda dtype_name: [
-        ({**_chunked(dtype_name), "SHARED_A": True, "SHARED_M": False, "SHARED_L": True}, _OPTIONS),
-        ({"GRAD_X": False, "SHARED_A": False, "SHARED_M": True, "SHARED_L": False}, _OPTIONS),
-    ],
-}
+def _bwd_variants(dtype_name: str) -> list[tuple[dict, dict]]:
+    tiles, options = _chunked(dtype_name)
+    return [({**tiles, "SHARED_A": True, "SHARED_M": False, "SHARED_L": True}, options),
+            ({"GRAD_X": False, "SHARED_A": False, "SHARED_M": True, "SHARED_L": False}, {})]
+
+
+SM90_VARIANTS = {"_mixture_fwd_kernel": lambda dtype_name: [_chunked(dtype_name)],
+                 "_mixture_bwd_kernel": _bwd_variants}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -467,13 +481,13 @@ SM90_VARIANTS = {
 
 @torch.library.custom_op("fastdensity::mixture_log_prob", mutates_args=())
 def mixture_log_prob_op(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor,
-                        kind: str) -> torch.Tensor:
+                        kind: str, tensor_cores: bool = True) -> torch.Tensor:
     with on_device_of(x):
-        return mixture_forward(x, logits, means, log_scales, kind)
+        return mixture_forward(x, logits, means, log_scales, kind, tensor_cores)
 
 
 @mixture_log_prob_op.register_fake
-def _(x, logits, means, log_scales, kind):
+def _(x, logits, means, log_scales, kind, tensor_cores=True):
     batch = torch.broadcast_shapes(x.shape[:-1], logits.shape[:-1], means.shape[:-2], log_scales.shape[:-2])
     return x.new_empty(batch, dtype=acc_dtype(x.dtype))
 
@@ -481,32 +495,34 @@ def _(x, logits, means, log_scales, kind):
 @torch.library.custom_op("fastdensity::mixture_log_prob_backward", mutates_args=())
 def mixture_log_prob_backward_op(
     grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor,
-    log_prob: torch.Tensor, kind: str, need_grad_x: bool,
+    log_prob: torch.Tensor, kind: str, need_grad_x: bool, forward_tensor_cores: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with on_device_of(x):
-        gx, *param_grads = mixture_backward(grad, x, logits, means, log_scales, log_prob, kind, need_grad_x)
+        gx, *param_grads = mixture_backward(grad, x, logits, means, log_scales, log_prob, kind, need_grad_x,
+                                            forward_tensor_cores)
     # A custom op cannot return None: an empty tensor stands for "x needs no gradient".
     return (gx if need_grad_x else x.new_empty(0), *param_grads)
 
 
 @mixture_log_prob_backward_op.register_fake
-def _(grad, x, logits, means, log_scales, log_prob, kind, need_grad_x):
+def _(grad, x, logits, means, log_scales, log_prob, kind, need_grad_x, forward_tensor_cores=True):
     gx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_grad_x else x.new_empty(0)
     return (gx, *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (logits, means, log_scales)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, logits, means, log_scales, kind = inputs
+    x, logits, means, log_scales, kind, tensor_cores = inputs
     # Inputs plus the per-row result: everything else is recomputed in the backward pass.
     ctx.save_for_backward(x, logits, means, log_scales, output)
-    ctx.kind = kind
+    ctx.kind, ctx.tensor_cores = kind, tensor_cores
 
 
 def _backward(ctx, grad):
     x, logits, means, log_scales, log_prob = ctx.saved_tensors
     need_x = bool(ctx.needs_input_grad[0])
-    gx, *param_grads = mixture_log_prob_backward_op(grad, x, logits, means, log_scales, log_prob, ctx.kind, need_x)
-    return (gx if need_x else None, *param_grads, None)
+    gx, *param_grads = mixture_log_prob_backward_op(grad, x, logits, means, log_scales, log_prob, ctx.kind, need_x,
+                                                    ctx.tensor_cores)
+    return (gx if need_x else None, *param_grads, None, None)
 
 
 mixture_log_prob_op.register_autograd(_backward, setup_context=_setup_context)

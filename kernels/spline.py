@@ -80,8 +80,8 @@ try:  # the dtype-dispatching libdevice module (Triton 3.x); older layouts kept 
 except ImportError:  # pragma: no cover - depends on the installed Triton
     from triton.language.extra.cuda import libdevice
 
-from .utils import (INTERPRETED, acc_dtype, collapse_inner_dims, empty, empty_like, next_pow2, on_device_of,
-                    row_tile, tl_dtype)
+from .utils import (FP_FUSION, INTERPRETED, acc_dtype, collapse_inner_dims, empty, empty_like, next_pow2,
+                    on_device_of, refuse_double_backward, row_tile, tl_dtype)
 
 __all__ = ["INTERPRETED", "PARAMETERIZATION_CODES", "spline_forward", "spline_backward",
            "rational_quadratic_spline_op"]
@@ -612,7 +612,10 @@ def spline_forward(x, widths, heights, derivatives, inverse: bool, parameterizat
         partial = None
     else:
         log_det = None
-        partial = empty((B, grid[1]), dtype=acc, device=x.device)
+        # Flat [B * n_col_blocks] (row-major [B, n_col_blocks]): with one column block it is the log-det
+        # itself, returned as the op's own allocation, not a view - callers (nflows' coupling) add into it
+        # in place, which autograd refuses on a view output of a custom op.
+        partial = empty((B * grid[1],), dtype=acc, device=x.device)
     el = [x, out] + ([log_det] if per_element else [])
     el, (w, h, d), (R, S), el_strides, (sw, sh, sd) = _collapse(x.shape, el, [widths, heights, derivatives])
     sx, so = el_strides[0], el_strides[1]
@@ -626,6 +629,7 @@ def spline_forward(x, widths, heights, derivatives, inverse: bool, parameterizat
             *_scalars(parameterization, bound, min_bin_width, min_bin_height, min_derivative, slope),
             K=K, KP=kp, PARAM=PARAMETERIZATION_CODES[parameterization], INVERSE=inverse, PER_ELEMENT=per_element,
             ACC=tl_dtype(acc), SPLIT_RS=R > 1, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps,
+            enable_fp_fusion=FP_FUSION,
         )
     if out_v is not out:  # the output needed a contiguous stand-in
         out.copy_(out_v)
@@ -633,7 +637,7 @@ def spline_forward(x, widths, heights, derivatives, inverse: bool, parameterizat
         if ld_v is not log_det:
             log_det.copy_(ld_v)
         return out, log_det
-    return out, (partial[:, 0] if grid[1] == 1 else partial.sum(dim=1))
+    return out, (partial if grid[1] == 1 else partial.view(B, grid[1]).sum(dim=1))
 
 
 def spline_backward(grad_out, grad_logdet, x, widths, heights, derivatives, inverse: bool, parameterization: str,
@@ -663,6 +667,7 @@ def spline_backward(grad_out, grad_logdet, x, widths, heights, derivatives, inve
             *_scalars(parameterization, bound, min_bin_width, min_bin_height, min_derivative, slope),
             K=K, KP=kp, PARAM=PARAMETERIZATION_CODES[parameterization], INVERSE=inverse,
             ACC=tl_dtype(acc_dtype(x.dtype)), SPLIT_RS=R > 1, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps,
+            enable_fp_fusion=FP_FUSION,
         )
     return grad_x, grad_w, grad_h, grad_d
 
@@ -724,3 +729,4 @@ def _backward(ctx, grad_y, grad_logdet):
 
 
 rational_quadratic_spline_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(rational_quadratic_spline_backward_op, "rational_quadratic_spline")

@@ -22,7 +22,9 @@ from nflows.flows.base import Flow  # noqa: E402
 from nflows.nn.nets import ResidualNet  # noqa: E402
 from nflows.transforms import (ActNorm, AdditiveCouplingTransform, AffineCouplingTransform,  # noqa: E402
                                CompositeTransform, LULinear, MaskedAffineAutoregressiveTransform,
-                               RandomPermutation, ReversePermutation)
+                               MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
+                               PiecewiseRationalQuadraticCouplingTransform, RandomPermutation,
+                               ReversePermutation)
 from nflows.transforms.coupling import PiecewiseLinearCouplingTransform  # noqa: E402
 
 BACKENDS = ["reference", pytest.param("triton", marks=requires_interpreter)]
@@ -80,6 +82,37 @@ def nflows_conditional_maf():
     return perturb(flow).eval()
 
 
+def nflows_nsf():
+    """Neural spline flow pieces, conditional: a spline coupling whose kept features go through a learned
+    PiecewiseRationalQuadraticCDF, and an autoregressive spline layer. A tail bound of 1.5 puts part of
+    the standard-normal inputs and samples on the identity tails."""
+    net = lambda i, o: ResidualNet(i, o, 16, context_features=C, num_blocks=1)  # noqa: E731
+    spline = {"num_bins": 4, "tails": "linear", "tail_bound": 1.5}
+    transform = CompositeTransform([
+        PiecewiseRationalQuadraticCouplingTransform(torch.tensor([1, 0, 1, 0]), net,
+                                                    apply_unconditional_transform=True, **spline),
+        ReversePermutation(D),
+        MaskedPiecewiseRationalQuadraticAutoregressiveTransform(D, 16, context_features=C, num_blocks=1, **spline)])
+    return perturb(Flow(transform, StandardNormal([D]))).eval()
+
+
+def zuko_nsf():
+    """zuko's NSF (autoregressive; bound 5, so the inputs stay inside: zuko_coupling_nsf reaches the tails)."""
+    return perturb(zuko.flows.NSF(D, C, bins=4, transforms=2, hidden_features=[16]))
+
+
+def zuko_coupling_nsf():
+    """zuko's coupling NSF (passes=2), its splines on [-1, 1] through functools.partial keywords."""
+    from functools import partial
+
+    from zuko.transforms import MonotonicRQSTransform
+
+    flow = zuko.flows.NSF(D, C, bins=4, transforms=2, hidden_features=[16], passes=2)
+    for t in flow.transform.transforms:
+        t.univariate = partial(MonotonicRQSTransform, bound=1.0, slope=1e-2)
+    return perturb(flow)
+
+
 def zuko_maf():
     return perturb(zuko.flows.MAF(D, C, transforms=2, hidden_features=[16, 16]))
 
@@ -129,7 +162,10 @@ MODELS = {
     "nflows couplings": (nflows_couplings, _nflows_log_prob, _nflows_sample, True),
     "nflows maf": (nflows_maf, _nflows_log_prob, _nflows_sample, False),
     "nflows conditional maf": (nflows_conditional_maf, _nflows_log_prob, _nflows_sample, True),
+    "nflows nsf": (nflows_nsf, _nflows_log_prob, _nflows_sample, True),
     "zuko maf": (zuko_maf, _zuko_log_prob, _zuko_sample, True),
+    "zuko nsf": (zuko_nsf, _zuko_log_prob, _zuko_sample, True),
+    "zuko coupling nsf": (zuko_coupling_nsf, _zuko_log_prob, _zuko_sample, True),
     "zuko residual maf": (zuko_residual_maf, _zuko_log_prob, _zuko_sample, True),
     "zuko realnvp": (zuko_realnvp, _zuko_log_prob, _zuko_sample, True),
     "normflows couplings": (normflows_flow, _normflows_log_prob, _normflows_sample, False),
@@ -142,7 +178,11 @@ EXPECTED = {
                          "FusedMaskedLinear": 4},
     "nflows maf": {"FusedMaskedAffineAutoregressiveTransform": 2, "FusedMaskedLinear": 12},
     "nflows conditional maf": {"FusedMaskedAffineAutoregressiveTransform": 2, "FusedMaskedLinear": 8},
+    "nflows nsf": {"FusedPiecewiseRationalQuadraticCouplingTransform": 1, "FusedPiecewiseRationalQuadraticCDF": 1,
+                   "FusedMaskedPiecewiseRationalQuadraticAutoregressiveTransform": 1, "FusedMaskedLinear": 4},
     "zuko maf": {"FusedMaskedAutoregressiveTransform": 2, "FusedMaskedLinear": 6},
+    "zuko nsf": {"FusedMaskedAutoregressiveTransform": 2, "FusedMaskedLinear": 4},
+    "zuko coupling nsf": {"FusedMaskedAutoregressiveTransform": 2, "FusedMaskedLinear": 4},
     "zuko residual maf": {"FusedMaskedAutoregressiveTransform": 2, "FusedMaskedLinear": 12},
     "zuko realnvp": {"FusedGeneralCouplingTransform": 2},
     "normflows couplings": {"FusedAffineCoupling": 4},
@@ -214,8 +254,71 @@ def test_the_fused_ops_really_run(monkeypatch):
     model.log_prob(torch.randn(3, D))
     assert calls == []
     fastdensity.accelerate(model)
-    model.log_prob(torch.randn(3, D))
+    with fastdensity.set_backend("triton"):  # the kernel path, as on CUDA (here through the interpreter)
+        model.log_prob(torch.randn(3, D))
     assert calls.count("affine_coupling") == 2 and calls.count("masked_linear") == 12
+    calls.clear()
+    with fastdensity.set_backend("reference"):
+        model.log_prob(torch.randn(3, D))
+    # where the op would run its reference, the MADE's layers run nflows' own (cheaper) product
+    assert calls.count("affine_coupling") == 2 and calls.count("masked_linear") == 0
+
+
+def test_the_fused_spline_really_runs(monkeypatch):
+    """Not vacuous: the accelerated spline flows call fastdensity's spline op, once per spline layer."""
+    calls = []
+    real = fastdensity.ops.rational_quadratic_spline
+    monkeypatch.setattr(fastdensity.ops, "rational_quadratic_spline",
+                        lambda *a, **k: calls.append(k["parameterization"]) or real(*a, **k))
+    x, c = _inputs(True)
+    for build, log_prob, expected in ((nflows_nsf, _nflows_log_prob, ["nflows"] * 3),
+                                      (zuko_nsf, _zuko_log_prob, ["zuko"] * 2)):
+        model = build()
+        log_prob(model, x, c)
+        assert calls == []
+        fastdensity.accelerate(model)
+        log_prob(model, x, c)
+        assert calls == expected
+        calls.clear()
+
+
+def test_spline_options_the_op_does_not_compute_are_left():
+    """nflows' default tails=None (a spline on [0, 1] that rejects other inputs) is not the fused op's:
+    those layers are left, with the reason, and still compute as nflows does."""
+    net = lambda i, o: ResidualNet(i, o, 8)  # noqa: E731
+    model = CompositeTransform([
+        PiecewiseRationalQuadraticCouplingTransform(torch.tensor([1, 0, 1, 0]), net, num_bins=3),
+        MaskedPiecewiseRationalQuadraticAutoregressiveTransform(D, 8, num_bins=3, tails=None),
+        MaskedPiecewiseRationalQuadraticAutoregressiveTransform(D, 8, num_bins=3, tails="linear")])
+    x = torch.rand(5, D)  # inside [0, 1], where nflows' tails=None spline is defined
+    expected = model(x)
+    report = fastdensity.accelerate(model)
+    left = {e.name: e.detail for e in report.left}
+    for name in ("_transforms.0", "_transforms.1"):
+        assert left[name].startswith("tails=None: the fused op computes only tails='linear'"), left[name]
+    assert "_transforms.2" in {e.name for e in report.replaced}
+    for got, want in zip(model(x), expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accelerated_nflows_spline_flow_compiles_where_the_original_cannot(backend):
+    """nflows' spline indexes with boolean masks and checks its inputs on the host, which
+    torch.compile(fullgraph=True) refuses; the accelerated flow compiles to one graph and gives the
+    untouched flow's log-density."""
+    torch.manual_seed(0)
+    original = nflows_nsf()
+    model = copy.deepcopy(original)
+    fastdensity.accelerate(model)
+    x, c = _inputs(True)
+    expected = original.log_prob(x, c)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="(?i)data-dependent"):
+        torch.compile(lambda x, c: original.log_prob(x, c), fullgraph=True, backend="aot_eager")(x, c)
+    torch._dynamo.reset()
+    with fastdensity.set_backend(backend):
+        compiled = torch.compile(lambda x, c: model.log_prob(x, c), fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, c), expected)
 
 
 class ConvNet(torch.nn.Module):
@@ -242,6 +345,24 @@ def test_images_through_nflows_actnorm_and_coupling():
     fastdensity.accelerate(model)
     for direction in ("forward", "inverse"):
         (z, ld), (z0, ld0) = getattr(model, direction)(x), getattr(transform, direction)(x)
+        torch.testing.assert_close(z, z0)
+        torch.testing.assert_close(ld, ld0)
+
+
+def test_images_through_the_nflows_spline_coupling():
+    """[B, C, H, W]: the conv net's [B, C (3K - 1), H, W] read as a permuted [B, C, H, W, 3K - 1] view. This
+    net has no hidden_channels: nflows warns that the logits are not scaled, and so does the fused class."""
+    original = perturb(PiecewiseRationalQuadraticCouplingTransform(torch.tensor([0, 1, 0, 1]), ConvNet, num_bins=3,
+                                                                   tails="linear", tail_bound=1.5))
+    model = copy.deepcopy(original)
+    fastdensity.accelerate(model)
+    assert type(model).__name__ == "FusedPiecewiseRationalQuadraticCouplingTransform"
+    x = torch.randn(3, 4, 5, 3)
+    for direction in ("forward", "inverse"):
+        with pytest.warns(UserWarning, match="not scaled"):
+            z0, ld0 = getattr(original, direction)(x)
+        with pytest.warns(UserWarning, match="not scaled"):
+            z, ld = getattr(model, direction)(x)
         torch.testing.assert_close(z, z0)
         torch.testing.assert_close(ld, ld0)
 
@@ -326,6 +447,24 @@ def test_calling_twice_is_harmless_and_dry_run_only_reports():
         "zuko.flows.autoregressive.MaskedAutoregressiveTransform", "zuko.nn.MaskedLinear"}
 
 
+@pytest.mark.parametrize("name", ["nflows nsf", "zuko nsf"])
+def test_spline_flows_dry_run_then_twice(name):
+    """The spline handlers through the same motions: a dry run reports and changes nothing, a second call
+    finds everything fused and leaves the model computing what it did."""
+    build, log_prob, _, conditional = MODELS[name]
+    model = build()
+    x, c = _inputs(conditional)
+    expected = log_prob(model, x, c)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    dry = fastdensity.accelerate(model, dry_run=True)
+    assert dry.dry_run and _fused_counts(dry) == EXPECTED[name]
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    fastdensity.accelerate(model)
+    second = fastdensity.accelerate(model)
+    assert second.replaced == [] and _fused_counts(second, second.already_fused) == EXPECTED[name]
+    torch.testing.assert_close(log_prob(model, x, c), expected)
+
+
 def test_report_names_what_it_left_and_why():
     class MyCoupling(AffineCouplingTransform):  # a user's subclass: it may override the computing methods
         pass
@@ -379,3 +518,20 @@ def test_compiles_fullgraph_where_the_original_does(name):
             torch._dynamo.reset()
             compiled = torch.compile(lambda x, c, m=m: log_prob(m, x, c), fullgraph=True, backend="aot_eager")
             torch.testing.assert_close(compiled(x, c), expected)
+
+
+@requires_interpreter
+def test_coupling_with_an_unconditional_transform_on_the_kernel_path():
+    """nflows adds the unconditional transform's log-det into the coupling's log-det in place: the fused
+    op's log-det must be a tensor of its own, not a view of a kernel buffer (autograd refuses the latter)."""
+    net = lambda i, o: ResidualNet(i, o, 8, num_blocks=1)  # noqa: E731
+    coupling = AffineCouplingTransform(torch.tensor([1, 0, 1, 0]), net, unconditional_transform=ActNorm)
+    model = perturb(Flow(CompositeTransform([coupling]), StandardNormal([D])))
+    x = torch.randn(6, D)
+    model.log_prob(x)  # ActNorm's data-dependent initialisation
+    original = copy.deepcopy(model)
+    fastdensity.accelerate(model)
+    with fastdensity.set_backend("triton"):
+        log_prob = model.log_prob(x)
+        log_prob.sum().backward()
+    torch.testing.assert_close(log_prob, original.log_prob(x), rtol=1e-12, atol=1e-12)

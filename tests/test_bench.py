@@ -462,10 +462,16 @@ def test_every_module_builds_cases(quick):
         assert op_cases
         for case in op_cases:
             names = [p.name for p in case.providers]
-            assert len(names) == len(set(names)) and names[0] == "fastdensity" and "eager" in names
+            assert len(names) == len(set(names)), case.op
+            assert set(case.min_bytes) <= set(harness.MODES)
+            if case.op.startswith("memory_"):
+                # the memory benchmark compares one model storing its activations with the same model
+                # rebuilding them by inversion, on the backend the device gets
+                assert names == ["eager", "eager_invert"], case.op
+                continue
+            assert names[0] == "fastdensity" and "eager" in names, case.op
             # torch.compile of a whole model takes minutes on a CPU: quick runs leave it out
             assert ("compiled" in names) != (quick and case.op.startswith("train_step_"))
-            assert set(case.min_bytes) <= set(harness.MODES)
     with pytest.raises(ValueError, match="unknown benchmark nope"):
         suite.load_cases(["nope"], settings)
 
@@ -481,11 +487,16 @@ def test_gpu_case_lists_build(monkeypatch):
     assert {op for op, _, _ in seen if op.startswith("masked_conv2d")} == {
         f"masked_conv2d_{k}x{k}_{t}" for k in (3, 5, 7) for t in "AB"}
     assert {op for op, _, _ in seen if op.startswith("train_step_")} == {
-        "train_step_realnvp", "train_step_maf", "train_step_glow", "train_step_pixelcnn"}
+        "train_step_realnvp", "train_step_maf", "train_step_glow", "train_step_pixelcnn", "train_step_nsf",
+        "train_step_tarflow"}
+    assert {op for op, _, _ in seen if op.startswith(("sample_", "memory_"))} == {
+        "sample_maf", "sample_pixelcnn", "sample_tarflow", "memory_coupling_stack", "memory_glow"}
+    memory = [[p.name for p in c.providers] for c in cases["memory"]]
+    assert memory == [["fastdensity", "fastdensity_invert"]] * 2
     for op_cases in cases.values():
         for case in op_cases:
             # a layer or a model has no single minimum-traffic figure; every op has one per mode
-            whole = case.op == "coupling_layer" or case.op.startswith("train_step_")
+            whole = case.op == "coupling_layer" or case.op.startswith(("train_step_", "sample_", "memory_"))
             assert set(case.min_bytes) == (set() if whole else set(harness.MODES)), case.op
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import fastdensity
 from fastdensity.data import CONDITIONAL_DENSITIES_2D, conditional_density_2d
-from fastdensity.models import MAF, Glow, RealNVP
+from fastdensity.models import MAF, NSF, Glow, RealNVP
 from fastdensity.nn import MaskedAffineAutoregressive, MaskedAffineAutoregressiveTransform
 from test_made import copy_nflows_made
 
@@ -168,6 +168,9 @@ CONDITIONAL_MODELS = [
                                "scale": "softplus"}),
     ("realnvp", RealNVP, {"hidden": 12, "num_layers": 3}),
     ("glow", Glow, {"hidden": 12, "num_steps": 2}),
+    ("nsf coupling", NSF, {"hidden": 12, "num_layers": 3, "num_bins": 4}),
+    ("nsf autoregressive", NSF, {"kind": "autoregressive", "hidden": 12, "num_layers": 2, "num_bins": 4,
+                                 "num_blocks": 1}),
 ]
 
 

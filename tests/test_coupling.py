@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastdensity
 from fastdensity import ops
@@ -11,8 +12,8 @@ from fastdensity.testing import compare
 from helpers import (assert_compiles_like_reference, assert_kernel_matches_reference, leaves,
                      requires_cuda, requires_interpreter)
 
-SCALES = ["exp", "softclamp", "sigmoid", "additive"]
-AFFINE = ["exp", "softclamp", "sigmoid"]
+SCALES = ["exp", "softclamp", "sigmoid", "softplus", "additive"]
+AFFINE = ["exp", "softclamp", "sigmoid", "softplus"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -31,6 +32,9 @@ def test_scale_functions_match_their_definitions():
     s, log_s = ref.scale_and_log_scale(h, "softclamp", clamp=1.5)
     torch.testing.assert_close(log_s, 1.5 * torch.tanh(h / 1.5))
     assert log_s.abs().max() < 1.5
+    s, log_s = ref.scale_and_log_scale(h, "softplus")
+    torch.testing.assert_close(s, F.softplus(h) + 1e-3)  # nflows' MAF
+    torch.testing.assert_close(log_s, torch.log(s))
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -137,9 +141,11 @@ def test_kernel_matches_reference(name, shape, layout, scale, inverse, dtype):
 @requires_interpreter
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # NumPy, inside the interpreter
 @pytest.mark.parametrize("scale,inverse", [("exp", False), ("softclamp", False), ("sigmoid", False),
-                                           ("softclamp", True), ("sigmoid", True)])
+                                           ("softplus", False), ("softclamp", True), ("sigmoid", True),
+                                           ("softplus", True)])
 def test_kernel_saturating_scales_match_reference(scale, inverse):
-    # h = 40 randn reaches +-100 here: exp overflows to inf in fp32, sigmoid saturates at 0 and 1.
+    # h = 40 randn reaches +-100 here: exp overflows to inf in fp32, sigmoid saturates at 0 and 1,
+    # softplus reaches its linear branch (u > 20) and its floor 1e-3.
     make = _make_inputs((3, 4, 5), "chunk", torch.float32, h_scale=40.0)
     fn = lambda x, t, s: ops.affine_coupling(x, t, s, scale=scale, inverse=inverse)  # noqa: E731
     assert_kernel_matches_reference(fn, make, rtol=1e-5, atol=1e-5)
@@ -152,6 +158,48 @@ def test_kernel_gradcheck(scale, inverse):
     x, t, h = (torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
     with fastdensity.set_backend("triton"):
         assert torch.autograd.gradcheck(lambda *a: ops.affine_coupling(*a, scale=scale, inverse=inverse), (x, t, h))
+
+
+@requires_interpreter
+@pytest.mark.parametrize("inverse", [False, True])
+def test_kernel_softplus_is_accurate_where_it_is_tiny(inverse):
+    """s = softplus(u) + 1e-3 in fp32 against float64 over u in [-40, 40]. Where u << 0, softplus(u) ~ exp(u)
+    sits next to the 1e-3 floor: log(1 + exp(u)) with 1 + exp(u) rounded would be off by up to 6e-8, a
+    relative 6e-5 of s at u = -15; the kernel's log1p keeps every s within a few fp32 ulps."""
+    u = torch.linspace(-40, 40, 4001)[None]
+    want = F.softplus(u.double()) + 1e-3  # of the same fp32 values of u
+    with fastdensity.set_backend("triton"):
+        s, _ = ops.affine_coupling(torch.ones_like(u), torch.zeros_like(u), u, scale="softplus", inverse=inverse)
+    s = 1 / s.double() if inverse else s.double()  # y = 1 * s, or 1 / s for the inverse
+    # A handful of fp32 roundings (exp, log1p, the sums, the division), each 2^-24 relative: 1e-6 is
+    # about 8 ulps. The naive log(1 + exp(u)) is 60 times further off at u = -15.
+    torch.testing.assert_close(s, want, rtol=1e-6, atol=0)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("inverse", [False, True])
+def test_kernel_int64_offsets_match_int32_offsets(monkeypatch, inverse):
+    """The WIDE launches (int64 offsets within a tile, which the launcher picks when one could pass
+    2^31 - 1) give bit for bit what the int32 launches give. Forced here by lowering the limit, on strided
+    views that take the (r, s) split and a backward that reads every input."""
+    from fastdensity.kernels import coupling as kernel
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 4, 6, requires_grad=True)
+    th = torch.randn(5, 6, 4, 6, requires_grad=True)
+
+    def run():
+        with fastdensity.set_backend("triton"):
+            y, logdet = ops.affine_coupling(x, th[:, 0::2], th[:, 1::2], scale="softclamp", inverse=inverse)
+            grads = torch.autograd.grad((y * y).sum() + logdet.sum(), (x, th))
+        return (y, logdet, *grads)
+
+    narrow = run()
+    assert not kernel._needs_wide(5, 72, 128, 3, 24, [(144, 24, 1)])
+    monkeypatch.setattr(kernel, "_INT32_MAX", 0)
+    assert kernel._needs_wide(5, 72, 128, 3, 24, [(144, 24, 1)])
+    for got, want in zip(run(), narrow):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @requires_interpreter
@@ -200,7 +248,7 @@ def test_fake_and_autograd_registrations_match_the_kernel():
     (channels-last in, channels-last out), the schema is honest, and autograd is registered."""
     x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
     h = torch.randn(2, 6, 4, 5, requires_grad=True)
-    for scale, inverse in (("sigmoid", False), ("exp", True), ("additive", False)):
+    for scale, inverse in (("sigmoid", False), ("exp", True), ("softplus", True), ("additive", False)):
         args = (x, h[:, 0::2], None if scale == "additive" else h[:, 1::2], scale, inverse, 2.0)
         torch.library.opcheck(torch.ops.fastdensity.affine_coupling, args)
 
@@ -228,7 +276,7 @@ def test_compile_fullgraph_runs_the_kernel():
 
 def test_unknown_scale_lists_valid_names():
     x = torch.randn(2, 3)
-    with pytest.raises(ValueError, match="'exp', 'softclamp', 'sigmoid', 'additive'.*'tanh'"):
+    with pytest.raises(ValueError, match="'exp', 'softclamp', 'sigmoid', 'softplus', 'additive'.*'tanh'"):
         ops.affine_coupling(x, x, x, scale="tanh")
 
 

@@ -437,6 +437,27 @@ def test_kernel_without_grad_for_x():
     torch.testing.assert_close(g_ker, g_ref)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_kernel_int64_offsets_match_int32_offsets(monkeypatch, reduction):
+    """The WIDE launches (int64 offsets within an image, which the launcher picks when one could pass
+    2^31 - 1) give bit for bit what the int32 launches give; forced here by lowering the limit, with
+    channels-last params and x requiring a gradient, so that every offset of both kernels is exercised."""
+    x = grid_values((2, 3, 3, 5)).requires_grad_()
+    params = random_params(2, 3, 3, 3, 5).to(memory_format=torch.channels_last).requires_grad_()
+
+    def run():
+        with fastdensity.set_backend("triton"):
+            out = ops.dmol_log_prob(x, params, reduction=reduction)
+            return (out, *torch.autograd.grad((out * out).sum(), (x, params)))
+
+    narrow = run()
+    assert not kdmol._needs_wide(15, 16, 3, 5, (5, 1), (15, 3))
+    monkeypatch.setattr(kdmol, "_INT32_MAX", 0)
+    assert kdmol._needs_wide(15, 16, 3, 5, (5, 1), (15, 3))
+    for got, want in zip(run(), narrow):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # The interpreter runs both sides of every tl.where in numpy, which warns about the -inf - -inf it computes
 # (and discards) in the log-sum-exp step; on a GPU nothing is reported.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -174,11 +174,17 @@ def _double_backward_cases():
          [x, torch.randn(2, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64),
           0.3 * torch.randn(2, 4, dtype=torch.float64)]),
         ("dmol_log_prob", lambda p: ops.dmol_log_prob(pix, p), [torch.randn(1, 10, 2, 2, dtype=torch.float64)]),
+        ("masked_conv2d", lambda a, w: ops.masked_conv2d(a, w, mask_type="B", color_groups=3),
+         [torch.randn(1, 3, 3, 3, dtype=torch.float64), torch.randn(3, 3, 3, 3, dtype=torch.float64)]),
+        # x inside [-1, 1] mostly, so the spline (not only the identity tails) is differentiated
+        ("rational_quadratic_spline", lambda a, w, h, d: ops.rational_quadratic_spline(a, w, h, d)[0],
+         [0.5 * x, torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 4, 3, dtype=torch.float64),
+          torch.randn(3, 4, 2, dtype=torch.float64)]),
     ]
 
 
 @requires_interpreter
-@pytest.mark.parametrize("case", range(5), ids=[c[0] for c in _double_backward_cases()])
+@pytest.mark.parametrize("case", range(len(_double_backward_cases())), ids=[c[0] for c in _double_backward_cases()])
 def test_double_backward_through_a_kernel_says_what_to_do(case):
     """A gradient of a gradient through a kernel failed with PyTorch's "no autograd formula was
     registered" for an internal op; now the error says it is unsupported and names the way out, which
@@ -222,7 +228,7 @@ def test_every_launch_pins_fp_fusion(monkeypatch):
             leaves = [t.clone().requires_grad_() for t in tensors]
             with fastdensity.set_backend("triton"):
                 torch.autograd.grad(fn(*leaves).sum(), leaves)
-    owned = ("coupling", "masked_linear", "logsumexp", "mixture", "mixture_shared", "dmol")
+    owned = ("coupling", "masked_linear", "logsumexp", "mixture", "mixture_shared", "dmol", "masked_conv", "spline")
     launched = {k: v for k, v in seen.items() if k.split(".")[0] in owned}
     assert {k.split(".")[0] for k in launched} == set(owned)
     assert all(v == {FP_FUSION} for v in launched.values()), launched

@@ -248,6 +248,19 @@ def test_kernel_matches_reference(case, dtype):
     assert_kernel_matches_reference(fn, make, **tol)
 
 
+@requires_interpreter
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bf16_under_the_interpreter_matches_the_reference(layout):
+    """The interpreter's tl.dot multiplies bf16 bit patterns (results ~1e10); the kernels widen their
+    operands to fp32 there, so bf16 gives the reference's answer: forward, grad input and grad weight,
+    over full taps and a grouped centre that crosses channel tiles."""
+    case = ("5x5 A RGB", 2, 18, 21, 5, 4, (5, 5), "A", 3, {}, layout)
+    make, fn, *_ = _case_inputs(case, torch.bfloat16)
+    # bf16 results: both paths accumulate in fp32 and round once to bf16 (8 significant bits), so they
+    # differ by an ulp or two, 2^-7 relative; gradient sums reach ~10, hence the absolute floor too.
+    assert_kernel_matches_reference(fn, make, rtol=2e-2, atol=2e-2)
+
+
 def _run_impl(impl, args, leaves_, mask_type, groups, kwargs, upstream):
     x, w, b = args
     kh, kw = w.shape[2:]
@@ -291,6 +304,32 @@ def test_output_follows_the_input_memory_format(impl):
     assert gx.is_contiguous(memory_format=torch.channels_last) and not gx.is_contiguous()
     out = torch.ops.fastdensity.masked_conv2d(x.contiguous(), w, None, "B", 3, [1, 1], [1, 1], [1, 1], impl, True)
     assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=requires_interpreter), "dense", "split"])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("padding", [1, 0])
+def test_outputs_are_their_own_tensors_and_take_in_place_edits(impl, memory_format, padding):
+    """A custom op's output that is a view (a channels_last tensor made as a permuted NHWC buffer, the
+    unpadded window of a padded gradient) cannot be edited in place under autograd, as a residual
+    ``h += conv(h)`` does: the ops return allocations of their own."""
+    x = torch.randn(2, 6, 5, 4).to(memory_format=memory_format).requires_grad_()
+    w = torch.randn(9, 6, 3, 3, requires_grad=True)
+    args = (x, w, None, "B", 3, [1, 1], [padding] * 2, [1, 1])
+    ops_ = [torch.ops.fastdensity.masked_conv2d_triton] if impl == "triton" else []
+    for op in ops_ + [lambda *a: torch.ops.fastdensity.masked_conv2d(*a, impl, True)]:
+        out = op(*args)
+        assert out._base is None
+        out += 1.0
+        gx, gw = torch.autograd.grad(out.square().sum(), (x, w))
+        want = torch.autograd.grad((ref.masked_conv2d(x, w, color_groups=3, padding=padding) + 1.0).square().sum(),
+                                   (x, w))
+        torch.testing.assert_close(gx, want[0], rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(gw, want[1], rtol=2e-5, atol=2e-5)
+    backward_op = (torch.ops.fastdensity.masked_conv2d_triton_backward if impl == "triton"
+                   else lambda *a: torch.ops.fastdensity.masked_conv2d_backward(*a[:-2], impl, *a[-2:]))
+    gx, gw = backward_op(torch.randn_like(out), *args[:2], *args[3:], True, True)
+    assert gx._base is None and gw._base is None
 
 
 @pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=requires_interpreter), "dense", "split"])
@@ -350,6 +389,28 @@ def test_grad_weight_split_into_partial_sums(monkeypatch):
     monkeypatch.setattr(km, "GRAD_WEIGHT_SPLIT", 3)
     make, fn, *_ = _case_inputs(CASES[3], torch.float64)  # 5x5 A RGB across channel tiles
     assert_kernel_matches_reference(fn, make)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd_input", "bwd_weight"])
+def test_autotune_list_is_pruned_to_the_shapes_a_launch_compiles_in(kind):
+    """On a GPU each launch tries only the tiles that stay out of local memory for it (_gemm_shapes):
+    the wide tensor-core tiles for channel counts that are multiples of 16, the narrow one otherwise
+    and for fp32 IEEE products (bf16's PRECISION is "ieee" too, and means nothing there); fp64 its own."""
+    names = km._KERNELS[kind][1]
+
+    def tried(family, c_in, c_out, precision):
+        configs = km._gemm_configs(family, *names)
+        kept = km._pruner(family, names)(configs, {"C_in": c_in, "C_out": c_out}, PRECISION=precision)
+        return [(c.kwargs[names[0]], c.kwargs[names[1]], c.kwargs[names[2]], c.num_warps, c.num_stages) for c in kept]
+
+    for family in (torch.float16, torch.float32):
+        wide, narrow = km._gemm_shapes(family, narrow=False), km._gemm_shapes(family, narrow=True)
+        assert not set(wide) & set(narrow)
+        precision = "tf32" if family == torch.float32 else "ieee"
+        assert tried(family, 64, 128, precision) == wide
+        assert tried(family, 30, 45, precision) == tried(family, 4, 64, precision) == narrow
+    assert tried(torch.float32, 64, 128, "ieee") == km._gemm_shapes(torch.float32, narrow=True)
+    assert tried(torch.float64, 64, 128, "ieee") == tried(torch.float64, 30, 45, "ieee") == [(32, 32, 4, 4, 1)]
 
 
 def test_kernel_with_larger_tiles(monkeypatch):
@@ -461,6 +522,20 @@ def test_registration_passes_opcheck(op):
         torch.library.opcheck(torch.ops.fastdensity.masked_conv2d_triton.default, args)
     else:
         torch.library.opcheck(torch.ops.fastdensity.masked_conv2d.default, (*args, op, True))
+
+
+@pytest.mark.parametrize("impl", ["dense", "split"])
+def test_double_backward_through_the_choosing_op_says_what_to_do(impl):
+    """The package-layer op's backward is opaque too: a gradient of a gradient through it names the op and
+    the way out (the kernel's own op: tests/test_hostile_inputs.py) instead of PyTorch's "no autograd
+    formula was registered" for an internal op."""
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.fastdensity.masked_conv2d(x, w, None, "B", 3, [1, 1], [1, 1], [1, 1], impl, True)
+    grads = torch.autograd.grad(out.sin().sum(), (x, w), create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward .* for masked_conv2d is not supported.*"
+                                           r"set_backend\('reference'\)"):
+        torch.autograd.grad(sum(g.pow(2).sum() for g in grads), (x, w))
 
 
 def test_compile_fullgraph_runs_the_kernel():

@@ -121,6 +121,15 @@ def test_tile_cache_hits_and_follows_in_place_edits():
     assert key not in kml._TILE_CACHE  # the entry dies with its mask
 
 
+def test_the_documented_cache_contract_is_the_implemented_one():
+    """ops.masked_linear's docstring tells users when a mask edit is seen: on CPU always (the contents are
+    compared on every call, as the test below checks), on CUDA only through the version counter."""
+    doc = " ".join(ops.masked_linear.__doc__.split())
+    assert "On CPU the cached pattern is compared with the mask's contents on every call" in doc
+    assert "on CUDA, change a mask only through PyTorch ops on the tensor itself" in doc
+    assert "version counter" in doc
+
+
 def test_op_sees_in_place_mask_edits():
     x = torch.randn(3, 33)
     w = torch.randn(20, 33)
@@ -286,6 +295,28 @@ def test_registration_passes_opcheck():
     torch.library.opcheck(torch.ops.fastdensity.masked_linear.default, (x, w, random_mask(17, 20), b_wide[:, 1]))
 
 
+@requires_interpreter
+@pytest.mark.parametrize("lead", [(4,), (2, 3)])
+def test_outputs_are_their_own_tensors_and_take_in_place_edits(lead):
+    """The op returns the buffer it allocated, never a view of it: autograd refuses an in-place edit of a
+    custom op's output that is a view (nflows' conditional MADE adds its context into a masked layer's
+    output in place). The same for the backward op's grad_x."""
+    x, w, b = leaves(torch.randn(*lead, 20), torch.randn(17, 20), torch.randn(17))
+    mask = random_mask(17, 20)
+    y = torch.ops.fastdensity.masked_linear(x, w, mask, b)
+    assert y._base is None and y.shape == (*lead, 17)
+    gx, gw = torch.ops.fastdensity.masked_linear_backward(torch.randn_like(y), x, w, mask, True, True)
+    assert gx._base is None and gx.shape == x.shape and gw._base is None
+    with fastdensity.set_backend("triton"):
+        y = ops.masked_linear(x, w, mask, b)
+    context = torch.randn(17, requires_grad=True)
+    y += context  # what nflows' MADE does with its context
+    grads = torch.autograd.grad(y.sum(), (x, w, b, context))
+    want = torch.autograd.grad((ref.masked_linear(x, w, mask, b) + context).sum(), (x, w, b, context))
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=5e-5)
+
+
 @pytest.mark.parametrize("need", ["x", "weight", "bias"])
 def test_only_requested_gradients(need):
     x, w, b = torch.randn(4, 20), torch.randn(17, 20), torch.randn(17)
@@ -319,6 +350,27 @@ def test_zero_in_features_gives_the_bias():
         (gb,) = torch.autograd.grad(y.sum(), (b,))
     torch.testing.assert_close(y, b.detach().expand(3, 4))
     torch.testing.assert_close(gb, torch.full((4,), 3.0))
+
+
+@pytest.mark.parametrize("precision,features", [("highest", 512), ("high", 1024)])
+def test_fp32_tiles_reduced_in_chunks_match_reference(precision, features):
+    """fp32 multiplies each mask tile in steps narrower than the tile (launch_config: 16 columns for
+    IEEE, 32 for TF32, which the compiled kernels need to stay out of local memory); with tiles of 32
+    (512 features) and 64 (1024) both paths take several steps per tile, through FULL and PARTIAL
+    tiles, forward, grad_x and grad_W (over rows in steps of the same width)."""
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        M = 40  # > the grad_W row step: several steps there too
+        cfg = kml.launch_config(M, features, features, torch.float32)
+        assert cfg.chunk_r < min(cfg.tile_n, cfg.tile_k) and cfg.gw_rows < M
+        # fp32 sums of up to 1024 products in different orders: ~1e-5 relative, 1e-4 absolute near zero.
+        assert_kernel_matches_reference(
+            ops.masked_linear,
+            _make_inputs((M,), features, features, lambda n, k: made_hidden_mask(n, k, 9), "plain", torch.float32),
+            rtol=1e-4, atol=2e-4)
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def test_fp32_precision_follows_torch_switch():

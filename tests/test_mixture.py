@@ -392,7 +392,7 @@ def test_compile_fullgraph_runs_the_kernel():
 
 
 def test_matmul_expansion_is_less_accurate_than_the_direct_form():
-    """The reason the shared kernel does not expand the quadratic form into matrix products.
+    """The reason the shared kernel expands the quadratic form only where its cancellation criterion allows.
 
     Narrow components (sigma in [0.05, 0.2]) spread over N(0, 1), data drawn from them: the float32
     expansion's error exceeds the GPU-tier bound (2x eager float32 + 1e-5) by a wide margin, while

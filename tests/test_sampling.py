@@ -10,7 +10,8 @@ NSF models with several layers and orderings.
 """
 from __future__ import annotations
 
-import inspect
+import io
+import sys
 
 import pytest
 import torch
@@ -19,8 +20,6 @@ from fastdensity import ops, sampling
 from fastdensity.models import MAF, NSF, PixelCNN
 from fastdensity.nn import (MaskedAffineAutoregressive, MaskedAffineAutoregressiveTransform, MaskedConv2d,
                             MaskedPiecewiseRationalQuadraticAutoregressive)
-from fastdensity.nn import autoregressive as _autoregressive
-from fastdensity.nn import spline as _spline
 from fastdensity.sampling.pixelcnn_cache import CachedMaskedConv
 
 
@@ -190,7 +189,8 @@ def _transforms():
                                                                      dropout_probability=0.2, activation=torch.tanh),
         "residual-context": lambda: MaskedAffineAutoregressive(D, 16, 3, use_residual_blocks=True, context_features=C,
                                                                ordering=perm),
-        "residual-batchnorm": lambda: MaskedAffineAutoregressive(D, 16, 5, use_residual_blocks=True, use_batch_norm=True),
+        "residual-batchnorm": lambda: MaskedAffineAutoregressive(D, 16, 5, use_residual_blocks=True,
+                                                                 use_batch_norm=True),
         "nflows-layout": lambda: MaskedAffineAutoregressiveTransform(D, 16, context_features=C),
         "nflows-plain-batchnorm": lambda: MaskedAffineAutoregressiveTransform(D, 16, num_blocks=2,
                                                                               use_residual_blocks=False,
@@ -221,7 +221,7 @@ def test_incremental_inverse_equals_d_passes(name, dtype):
     z = torch.randn(9, D, dtype=dtype)
     context = torch.randn(9, C, dtype=dtype) if _made_of(transform).context_features else None
     with torch.no_grad():
-        x_naive, logdet_naive = transform.inverse(z, context)
+        x_naive, logdet_naive = transform.inverse_by_passes(z, context)
         x, logdet = _incremental(transform, z, context)
         z_back, _ = transform(x, context)
     # float64: the same parameters up to the order of sums (1e-15 relative, a few such steps deep);
@@ -288,46 +288,134 @@ def test_incremental_refuses_masks_outside_the_degree_rule():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def inverse_hooks(monkeypatch):
-    """The transforms' inverse hook (``sampling.autoregressive_inverse``), patched in where the
-    transform does not call it yet; the same dispatch the hook performs."""
-    for cls in (_autoregressive._AffineAutoregressive, _spline.MaskedPiecewiseRationalQuadraticAutoregressive):
-        if "autoregressive_inverse" in inspect.getsource(cls.inverse):
-            continue
-        naive = cls.inverse
+def test_transform_inverse_is_incremental_without_a_graph(monkeypatch):
+    """``inverse`` of the MADE-based transforms: the incremental scheme where no graph is needed, the
+    D passes (``inverse_by_passes``, differentiable) where autograd needs them."""
+    real, calls = sampling.made_incremental.incremental_made_inverse, []
+    monkeypatch.setattr(sampling.made_incremental, "incremental_made_inverse",
+                        lambda *args: calls.append(1) or real(*args))
+    for name in ("plain-context", "nflows-layout", "spline-plain-context"):
+        torch.manual_seed(3)
+        transform = perturb(_transforms()[name]().double(), 0.1).eval()
+        z, context = torch.randn(5, D, dtype=torch.float64), torch.randn(5, C, dtype=torch.float64)
+        calls.clear()
+        with torch.no_grad():
+            x, logdet = transform.inverse(z, context)
+            x_passes, logdet_passes = transform.inverse_by_passes(z, context)
+        assert len(calls) == 1, name
+        # float64: the same parameters up to the order of sums (see test_incremental_inverse_equals_d_passes)
+        torch.testing.assert_close(x, x_passes, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(logdet, logdet_passes, rtol=1e-12, atol=1e-12)
+        x_graph, _ = transform.inverse(z, context)  # parameters require grad: the passes, under autograd
+        assert len(calls) == 1 and x_graph.requires_grad, name
+        assert torch.equal(x_graph.detach(), x_passes)
 
-        def inverse(self, inputs, context=None, _naive=naive):
-            return sampling.autoregressive_inverse(self, inputs, context, lambda i, c: _naive(self, i, c))
 
-        monkeypatch.setattr(cls, "inverse", inverse)
+MODEL_BUILDS = {
+    "maf": lambda: MAF([6], num_layers=3, hidden=12),  # natural / reversed / natural orderings
+    "maf-random-context": lambda: MAF([6], num_layers=3, hidden=12, permutation="random", context_features=2,
+                                      scale="sigmoid"),
+    "maf-residual": lambda: MAF([6], num_layers=2, hidden=12, num_hidden=3, residual=True, scale="softplus"),
+    "nsf-autoregressive": lambda: NSF([6], kind="autoregressive", num_layers=2, hidden=12, num_bins=4),
+    "nsf-autoregressive-context": lambda: NSF([6], kind="autoregressive", num_layers=2, hidden=12, num_bins=4,
+                                              context_features=2, num_blocks=1),
+}
 
 
-def _model_sample(model, method, n, context=None):
-    if "method" in inspect.signature(model.sample).parameters:  # the model's own switch
-        return model.sample(n, context, method=method)
-    return sampling.sample_autoregressive(model, method, lambda: model.sample(n, context))
-
-
-@pytest.mark.parametrize("build", [
-    lambda: MAF([6], num_layers=3, hidden=12),  # natural / reversed / natural orderings
-    lambda: MAF([6], num_layers=3, hidden=12, permutation="random", context_features=2, scale="sigmoid"),
-    lambda: MAF([6], num_layers=2, hidden=12, num_hidden=3, residual=True, scale="softplus"),
-    lambda: NSF([6], kind="autoregressive", num_layers=2, hidden=12, num_bins=4),
-], ids=["maf", "maf-random-context", "maf-residual", "nsf-autoregressive"])
-def test_models_sample_the_same_with_either_method(build, inverse_hooks):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(MODEL_BUILDS))
+def test_models_sample_the_same_with_either_method(name, dtype):
     torch.manual_seed(0)
-    model = perturb(build().double(), 0.1).eval()
-    context = torch.randn(3, 2, dtype=torch.float64) if model.context_features else None
+    model = perturb(MODEL_BUILDS[name]().to(dtype), 0.1).eval()
+    context = torch.randn(3, 2, dtype=dtype) if model.context_features else None
     draws = {}
     for method in ("naive", "incremental"):
         torch.manual_seed(11)
-        draws[method] = _model_sample(model, method, 4, context)
-    # float64: one base draw, then the same inverse up to the order of sums in each layer.
-    torch.testing.assert_close(draws["incremental"], draws["naive"], rtol=1e-11, atol=1e-11)
+        draws[method] = model.sample(4, context, method=method)
+    # float64: one base draw, then the same inverse up to the order of sums in each layer. float32: the
+    # same sums rounded in float32; through two or three layers of splines (slopes up to ~10 here) the
+    # samples measured up to 3.5e-6 apart (worst of 5 seeds, 50 samples each), so 2e-5.
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(draws["incremental"], draws["naive"], rtol=tol, atol=tol)
+    assert draws["incremental"].shape == ((3, 4, 6) if context is not None else (4, 6))
     assert not draws["incremental"].requires_grad  # the fast default builds no graph
+    assert draws["naive"].requires_grad  # the reference runs under the caller's grad mode
+    torch.manual_seed(11)
+    assert torch.equal(model.sample(4, context), draws["incremental"])  # the default is the incremental sampler
     ticks = []
     with sampling.reporting(lambda: ticks.append(1)):
-        _model_sample(model, "incremental", 2, context)
+        model.sample(2, context, method="incremental")
     assert len(ticks) == sampling.sequential_steps(model) == 6 * sum(
         1 for m in model.modules() if m.__class__.__name__ == "MADE")
+    with pytest.raises(ValueError, match="method must be one of 'incremental', 'naive'"):
+        model.sample(2, context, method="cached")
+
+
+def test_coupling_nsf_takes_the_method_and_samples_alike():
+    """The coupling kind inverts in one pass per layer: ``method`` is accepted and changes nothing."""
+    torch.manual_seed(0)
+    model = perturb(NSF([4], num_layers=2, hidden=8, num_bins=3).double(), 0.1).eval()
+    draws = []
+    for method in ("naive", "incremental"):
+        torch.manual_seed(5)
+        draws.append(model.sample(3, method=method))
+    assert torch.equal(draws[0].detach(), draws[1]) and sampling.sequential_steps(model) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# `fastdensity sample` on MAF / NSF checkpoints: the incremental sampler, a progress bar, a PNG
+# ------------------------------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):  # tqdm shows its bar on terminals only
+        return True
+
+
+@pytest.mark.parametrize("model,options", [("maf", []), ("nsf", ["--set", "kind=autoregressive"])])
+def test_sample_command_uses_the_incremental_sampler_with_a_progress_bar(tmp_path, monkeypatch, capsys, model,
+                                                                         options):
+    from fastdensity import cli
+    from fastdensity.commands.sample import sample_checkpoint
+
+    code = cli.main(["train", "--model", model, "--data", "digits", "--steps", "2", "--batch-size", "16",
+                     "--out", str(tmp_path), "--set", "hidden=8", "--set", "num_layers=2", *options,
+                     "--no-progress", "--no-plots"])
+    assert code == 0, capsys.readouterr().err
+    real, calls = sampling.made_incremental.incremental_made_inverse, []
+    monkeypatch.setattr(sampling.made_incremental, "incremental_made_inverse",
+                        lambda *args: calls.append(1) or real(*args))
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    out = sample_checkpoint(str(tmp_path), 5, str(tmp_path / "s.png"), progress=True)
+    monkeypatch.undo()
+    assert len(calls) == 2  # one incremental inversion per autoregressive layer
+    bar = terminal.getvalue()
+    # 64 features x 2 layers (tqdm redraws at most every 0.1 s, so the last count shown varies)
+    assert f"sampling {model}" in bar and "/128 [" in bar and "feature/s" in bar
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# The growth-curve plot reads harness rows only
+# ------------------------------------------------------------------------------------------------
+
+
+def test_plot_reads_the_newest_curve_rows():
+    from fastdensity.benchmarks import bench_sampling, plot_sampling
+
+    def row(shape, provider, median, date):
+        return {"op": bench_sampling.OP_PIXELCNN, "shape": shape, "provider": provider, "mode": "forward",
+                "dtype": "float32", "device": "CPU x", "median_ms": str(median), "p20_ms": str(median * 0.9),
+                "p80_ms": str(median * 1.1), "date": date}
+
+    b = bench_sampling.CURVE_BATCH
+    rows = [row(f"1x8x8 B={b} kernel_size=7", "eager", 10.0, "2026-01-01"),
+            row(f"1x8x8 B={b} kernel_size=7", "eager", 12.0, "2026-01-02"),  # newer run wins
+            row(f"1x16x16 B={b} kernel_size=7", "eager", 150.0, "2026-01-02"),
+            row(f"1x16x16 B={b} kernel_size=7", "fastdensity", 4.0, "2026-01-02"),
+            row("1x28x28 B=16", "eager", 1e5, "2026-01-02")]  # not a curve case
+    points = plot_sampling.curve_points(rows)
+    assert points["eager"] == [(64, 12.0, 12.0 * 0.9, 12.0 * 1.1), (256, 150.0, 135.0, 165.0)]
+    assert [p[0] for p in points["fastdensity"]] == [256]

@@ -58,7 +58,8 @@ def test_problems_name_every_breach():
     assert problems(spilling, 0.1)[0].startswith("spills 8 B")
     assert "shared memory" in problems({**fine, "shared": 227 * 1024 + 4}, 0.0)[0]
     assert problems({**fine, "occupancy": 0.0625}, 0.125) == ["occupancy 0.062 < floor 0.125"]
-    assert problems({"error": "CompilationError: at 3:4\nmore"}, 0.125) == ["does not compile: CompilationError: at 3:4"]
+    error = {"error": "CompilationError: at 3:4\nmore"}
+    assert problems(error, 0.125) == ["does not compile: CompilationError: at 3:4"]
 
 
 def test_occupancy_floors_name_kernels_of_their_module_with_a_reason():
@@ -66,7 +67,40 @@ def test_occupancy_floors_name_kernels_of_their_module_with_a_reason():
     from fastdensity.sm90.launches import all_kernels, kernel_modules
 
     kernels = set(all_kernels())
+    dtypes = {"float32", "bfloat16", "float16", "float64"}
     for module in kernel_modules():
         for name, (fraction, reason) in getattr(module, "SM90_OCCUPANCY_FLOOR", {}).items():
-            assert (module.__name__, name) in kernels, f"{module.__name__}.SM90_OCCUPANCY_FLOOR names no kernel {name}"
+            kernel, _, dtype = name.partition("[")  # "_kernel" or "_kernel[float64]"
+            assert (module.__name__, kernel) in kernels, f"{module.__name__}.SM90_OCCUPANCY_FLOOR names no kernel {name}"
+            assert not dtype or dtype[:-1] in dtypes and dtype.endswith("]"), f"{module.__name__}: {name}"
             assert 0 < fraction <= 1 and reason.strip(), f"{module.__name__}.{name}: floor {fraction!r}, {reason!r}"
+
+
+def test_a_dtype_floor_overrides_the_kernel_floor(monkeypatch):
+    from fastdensity.sm90 import table
+
+    class Module:
+        SM90_OCCUPANCY_FLOOR = {"_k": (0.25, "memory-bound"), "_k[float64]": (0.1875, "compute-bound in fp64")}
+
+    monkeypatch.setattr(table.importlib, "import_module", lambda name: Module)
+    assert table.floor_of("m", "_k", "float64") == (0.1875, "compute-bound in fp64")
+    assert table.floor_of("m", "_k", "float32") == (0.25, "memory-bound")
+    assert table.floor_of("m", "_other", "float64") == DEFAULT_FLOOR
+
+
+def test_only_filters_the_launches_before_they_compile(monkeypatch):
+    """``fastdensity info --kernels --only SUBSTRING``: the other kernels' launches are not compiled."""
+    from fastdensity.sm90 import table
+
+    records = [{"module": "fastdensity.kernels.coupling", "kernel": "_coupling_fwd_kernel", "args": {}, "options": {}},
+               {"module": "fastdensity.kernels.dmol", "kernel": "_dmol_bwd_kernel", "args": {}, "options": {}}]
+    compiled = []
+
+    def compile_records(recs, python=None):
+        compiled.extend(recs)
+        return {"triton": "3.9.0", "results": [{"error": "not compiled here"} for _ in recs]}
+
+    monkeypatch.setattr(table, "record", lambda quick: (records, []))
+    monkeypatch.setattr(table, "compile_records", compile_records)
+    kept, _, (rows,) = table.measure([None], only="_dmol")
+    assert kept == compiled == records[1:] and [r.kernel for r in rows] == ["dmol._dmol_bwd_kernel"]

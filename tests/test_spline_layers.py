@@ -288,6 +288,30 @@ def test_inverse_undoes_forward(kind):
     torch.testing.assert_close(logdet + inv_logdet, torch.zeros_like(logdet), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["d-passes", "incremental"])
+def test_autoregressive_inverse_checks_its_arguments_on_either_path(grad):
+    """``inverse`` dispatches to the D passes (a graph is needed) or the incremental scheme (no grad):
+    the arguments are checked before either, and both undo the forward."""
+    unconditional, conditional = _layers()["autoregressive"], _layers(context_features=2)["autoregressive"]
+    x, c = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(ValueError, match="built without context_features: it takes no context"):
+            unconditional.inverse(x, c)
+        with pytest.raises(ValueError, match=r"built with context_features=2: it needs a context \[B, 2\]; got None"):
+            conditional.inverse(x)
+        with pytest.raises(ValueError, match=r"it needs a context \[B, 2\]; got \[3, 5\]"):
+            conditional.inverse(x, torch.randn(3, 5, dtype=torch.float64))
+        with pytest.raises(ValueError, match="context must have one row per input row"):
+            conditional.inverse(x, c[:2])
+        with pytest.raises(ValueError, match=r"inputs must be \[B, 4\]"):
+            conditional.inverse(x[:, :3], c)
+        z, logdet = conditional(x, c)
+        back, inv_logdet = conditional.inverse(z, c)
+    assert back.requires_grad == grad
+    torch.testing.assert_close(back, x)
+    torch.testing.assert_close(inv_logdet, -logdet)
+
+
 def test_autoregressive_jacobian_is_triangular_in_its_ordering():
     order = torch.tensor([2, 0, 3, 1])  # ordering[i]: position of feature i
     layer = MaskedPiecewiseRationalQuadraticAutoregressive(4, 8, num_bins=3, ordering=order).double()

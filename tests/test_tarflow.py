@@ -21,7 +21,7 @@ F64 = dict(rtol=1e-11, atol=1e-11)
 def tiny(shape=(1, 4, 6), perturb: float = 0.3, **kwargs) -> TarFlow:
     """A small float64 TarFlow whose weights are all perturbed (the zero output layers would make it the
     identity, and an identity proves nothing about log-dets or samplers)."""
-    options = dict(patch_size=2, num_blocks=3, layers_per_block=2, width=16, heads=2, expansion=2)
+    options = dict(patch_size=2, num_blocks=3, layers_per_block=2, width=16, heads=2, expansion=2, dropout=0.0)
     options.update(kwargs)
     model = TarFlow(list(shape), **options).double()
     with torch.no_grad():
@@ -32,10 +32,25 @@ def tiny(shape=(1, 4, 6), perturb: float = 0.3, **kwargs) -> TarFlow:
 
 def test_registered_and_config_rebuilds():
     assert MODELS["tarflow"] is TarFlow and TarFlow.image_only
-    model = build_model("tarflow", [1, 8, 8], width=16, heads=2, num_blocks=2)
+    model = build_model("tarflow", [1, 8, 8], width=16, heads=2, num_blocks=2, mix_tokens=True)
     again = type(model)(**model.config)
     assert again.config == model.config
     assert model.tokens == 16 and model.token_features == 4
+    assert len(again.mixers) == 2 and len(TarFlow([1, 8, 8], width=16, heads=2, mix_tokens=False).mixers) == 0
+
+
+def test_token_mixing_mixes_the_values_of_a_token():
+    """With mixing, the first block's first token (which its affine step passes unchanged) is a mix of its
+    patch's pixels: its Jacobian is dense, where without mixing it is the identity."""
+    for mix in (False, True):
+        model = tiny((1, 4, 4), num_blocks=1, mix_tokens=mix)
+        x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(lambda v: model.to_noise(v)[0][0, :4], x)[:, 0, 0, :2, :2]
+        jac = jac.reshape(4, 4)  # token 0's values against pixels (0, 0), (0, 1), (1, 0), (1, 1)
+        if mix:
+            assert torch.count_nonzero(jac) == 16
+        else:
+            assert torch.equal(jac, torch.eye(4, dtype=torch.float64))
 
 
 def test_patchify_layout_and_round_trip():
@@ -48,10 +63,11 @@ def test_patchify_layout_and_round_trip():
     assert torch.equal(unpatchify(tokens, (3, 4, 6), 2), x)
 
 
+@pytest.mark.parametrize("mix", [False, True], ids=["plain", "mixed"])
 @pytest.mark.parametrize("scale", ["softclamp", "exp"])
 @pytest.mark.parametrize("shape,patch", [((1, 4, 6), 2), ((2, 2, 3), 1)], ids=["patch2", "patch1-2ch"])
-def test_logdet_matches_autograd_jacobian(shape, patch, scale):
-    model = tiny(shape, patch_size=patch, scale=scale)
+def test_logdet_matches_autograd_jacobian(shape, patch, scale, mix):
+    model = tiny(shape, patch_size=patch, scale=scale, mix_tokens=mix)
     x = torch.randn(3, *shape, dtype=torch.float64)
     z, logdet = model.to_noise(x)
     for i in range(x.shape[0]):
@@ -86,17 +102,19 @@ def test_each_block_is_autoregressive_in_its_order():
         assert torch.count_nonzero(jac[last, :, first, :]) > 0
 
 
+@pytest.mark.parametrize("mix", [False, True], ids=["plain", "mixed"])
 @pytest.mark.parametrize("method", ["kv_cache", "naive", "jacobi"])
-def test_from_noise_inverts_to_noise(method):
-    model = tiny((1, 4, 6))
+def test_from_noise_inverts_to_noise(method, mix):
+    model = tiny((1, 4, 6), mix_tokens=mix)
     x = torch.randn(4, 1, 4, 6, dtype=torch.float64)
     z, _ = model.to_noise(x)
     back = model.from_noise(z, method=method, tol=0.0)
     torch.testing.assert_close(back, x, **F64)
 
 
-def test_kv_cache_sampler_equals_the_uncached_one_float64():
-    model = tiny((1, 6, 6), num_blocks=2, layers_per_block=2)  # T = 9 tokens
+@pytest.mark.parametrize("mix", [False, True], ids=["plain", "mixed"])
+def test_kv_cache_sampler_equals_the_uncached_one_float64(mix):
+    model = tiny((1, 6, 6), num_blocks=2, layers_per_block=2, mix_tokens=mix)  # T = 9 tokens
     torch.manual_seed(5)
     fast = model.sample(6, method="kv_cache")
     torch.manual_seed(5)
@@ -156,9 +174,10 @@ def test_gradients_reach_every_parameter():
     model.log_prob(x, context=labels).sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
-    # The unperturbed model starts at the identity (zero output layers), and its output layer's gradients
-    # are not zero: it can leave the identity.
-    fresh = TarFlow([1, 4, 4], width=16, heads=2).double()
+    assert len(model.mixers) == model.config["num_blocks"]  # the loop above covered the mixing layers too
+    # Without mixing, the unperturbed model starts at the identity (zero output layers), and its output
+    # layer's gradients are not zero: it can leave the identity.
+    fresh = TarFlow([1, 4, 4], width=16, heads=2, mix_tokens=False).double()
     torch.testing.assert_close(fresh.to_noise(x)[0], patchify(x, 2).flatten(1), rtol=0, atol=0)
     fresh.log_prob(x).sum().backward()
     assert all(torch.count_nonzero(b.proj_out.weight.grad) > 0 for b in fresh.blocks)
@@ -215,6 +234,8 @@ def test_class_conditioning():
     # each label's density is exact: to_noise/from_noise invert each other with the labels
     z, _ = model.to_noise(x, context=labels)
     torch.testing.assert_close(model.from_noise(z, context=labels), x, **F64)
+    # the KV-cached sampler adds the label embedding on its own path: it must agree with the uncached one
+    torch.testing.assert_close(model.from_noise(z, context=labels, method="naive"), x, **F64)
     # n samples per label, nflows' layout: [labels, n, C, H, W]; the same z and labels as from_noise
     torch.manual_seed(4)
     samples = model.sample(2, context=torch.tensor([2, 0]))
@@ -252,6 +273,7 @@ def test_context_checks():
     ({"num_blocks": 0}, "num_blocks must be >= 1"),
     ({"num_classes": 0}, "num_classes must be >= 1"),
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ({"mix_tokens": "no"}, "mix_tokens must be True or False"),
 ])
 def test_bad_options(kwargs, message):
     options = {"shape": [1, 4, 4], **kwargs}
@@ -319,11 +341,13 @@ def test_short_training_on_digits_and_sampling_from_the_checkpoint(tmp_path):
 
     config = TrainConfig(model="tarflow", data="digits", steps=400, batch_size=64, eval_every=400, lr=2e-3,
                          device="cpu", out=str(tmp_path / "run"),
-                         model_args={"width": 32, "heads": 2, "num_blocks": 4, "layers_per_block": 1})
+                         model_args={"width": 32, "heads": 2, "num_blocks": 4, "layers_per_block": 1, "dropout": 0.0})
     metrics = train(config, progress=False, plots=True)
     # The independent-pixel baseline is 2.42 bits/dim; the untrained model (N(0, I) on logits) is far
-    # above it (~4). Below it means the model learned structure between pixels.
-    assert metrics["bits_per_dim"] < 2.42, metrics["bits_per_dim"]
+    # above it (~4). This short run (seed 0) measured 2.27 on 2026-12-03 (2.30 without token mixing), so
+    # 2.35 asks for most of that gain of 0.15 over independent pixels, with room for the round-off of
+    # other CPUs and thread counts; the full default run's 2.02 is measured, not tested (too long).
+    assert metrics["bits_per_dim"] < 2.35, metrics["bits_per_dim"]
     assert (tmp_path / "run" / "samples.png").exists()
     out = sample_checkpoint(str(tmp_path / "run"), 8, str(tmp_path / "s.npy"), seed=1)
     import numpy as np

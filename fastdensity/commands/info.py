@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it needs only torch and triton installed); repeatable")
     parser.add_argument("--quick", action="store_true", help="with --kernels: only the CI subset of the launches")
     parser.add_argument("--problems", action="store_true", help="with --kernels: only the launches over the budget")
+    parser.add_argument("--only", metavar="SUBSTRING", default=None,
+                        help="with --kernels: only the kernels whose name (e.g. coupling._coupling_fwd_kernel) "
+                             "contains SUBSTRING; the others are not compiled")
 
 
 def _version(module: str) -> str:
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if args.kernels:
         from fastdensity.sm90 import table
 
-        text, status = table.report([None, *args.triton_python], quick=args.quick, only_problems=args.problems)
+        text, status = table.report([None, *args.triton_python], quick=args.quick, only_problems=args.problems,
+                                    only=args.only)
         print(text)
         return status
     if args.readme:

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import nn as fnn
+from ..nn.invertible_memory import memory_option
 from .base import (ConvNet, at_least, check_scales, check_shape, halvings, mlp, optional_context_features,
                    reject_other_kind_options, vector_coupling_args)
 from .multiscale import FactorOut, FlowModel, GaussianPrior, MultiScaleFlow
@@ -74,13 +75,14 @@ class Glow(FlowModel):
             num_scales = max(1, halvings(shape, smallest=2, most=3)) if num_scales is None else int(num_scales)
             check_scales("Glow", shape, num_scales, squeezes=num_scales)
             super().__init__(shape, num_steps=num_steps, hidden=hidden, num_blocks=num_blocks,
-                             num_scales=num_scales, scale=scale, memory=memory)
+                             num_scales=num_scales, scale=scale, **memory_option(memory))
             self.flow = self._image_flow(shape, num_steps, hidden, num_blocks, num_scales, scale, memory)
         else:
             d, num_hidden = vector_coupling_args("Glow", shape, num_hidden)
             context_features = optional_context_features(context_features)
             super().__init__(shape, num_steps=num_steps, hidden=hidden, num_hidden=num_hidden, scale=scale,
-                             context_features=context_features, memory=memory)
+                             context_features=context_features,
+                             **memory_option(memory))
             self.context_features = context_features
             net = lambda i, o: mlp(i, o, hidden, num_hidden, context_features=context_features)  # noqa: E731
             steps: list[fnn.Transform] = []

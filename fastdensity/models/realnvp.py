@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import nn as fnn
+from ..nn.invertible_memory import memory_option
 from .base import (ConvNet, at_least, check_scales, check_shape, halvings, mlp, optional_context_features,
                    reject_other_kind_options, vector_coupling_args)
 from .multiscale import CheckerboardCoupling, FactorOut, FlowModel, GaussianPrior, MultiScaleFlow
@@ -102,14 +103,15 @@ class RealNVP(FlowModel):
                 raise ValueError(f"RealNVP on images needs scale 'softclamp' or 'exp' (the checkerboard coupling "
                                  f"needs s(0) = 1); got {scale!r}")
             super().__init__(shape, num_layers=num_layers, hidden=hidden, num_blocks=num_blocks,
-                             num_scales=num_scales, scale=scale, memory=memory)
+                             num_scales=num_scales, scale=scale, **memory_option(memory))
             self.flow = self._image_flow(shape, num_layers, hidden, num_blocks, num_scales, scale, memory)
         else:
             d, num_hidden = vector_coupling_args("RealNVP", shape, num_hidden)
             actnorm = True if actnorm is None else bool(actnorm)
             context_features = optional_context_features(context_features)
             super().__init__(shape, num_layers=num_layers, hidden=hidden, num_hidden=num_hidden, scale=scale,
-                             actnorm=actnorm, context_features=context_features, memory=memory)
+                             actnorm=actnorm, context_features=context_features,
+                             **memory_option(memory))
             self.context_features = context_features
             net = lambda i, o: mlp(i, o, hidden, num_hidden, context_features=context_features)  # noqa: E731
             transforms = [fnn.ActNorm(d)] if actnorm else []

@@ -6,7 +6,10 @@ One transform, with the MADE's output ``p = MADE(x, context)`` viewed as [B, D, 
     z_d      = x_d * s(u_d) + t_d                                  log |det dz/dx| = sum_d log s(u_d)
 
 The Jacobian is triangular, so the density costs one MADE pass; the inverse solves
-``x_d = (z_d - t_d) / s(u_d)`` one feature at a time: D MADE passes. Shift and scale reach the fused
+``x_d = (z_d - t_d) / s(u_d)`` one feature at a time: D MADE passes naively
+(:meth:`~_AffineAutoregressive.inverse_by_passes`, what autograd differentiates), or by default about
+one pass of arithmetic in D small steps, each hidden unit computed once
+(:mod:`fastdensity.sampling.made_incremental`). Shift and scale reach the fused
 :func:`fastdensity.ops.affine_coupling` as strided views of ``p``, no copies. Two flavours:
 
 * :class:`MaskedAffineAutoregressive`, fastdensity's: ``t = p[..., 0]``, ``u = p[..., 1]``; s =
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..reference.coupling import SOFTPLUS_EPS
 from .base import Transform, check_context
 from .made import MADE
 
@@ -34,24 +38,17 @@ __all__ = ["MaskedAffineAutoregressive", "MaskedAffineAutoregressiveTransform", 
 
 #: the scale functions of the autoregressive transforms: the fused op's, and nflows' MAF scale
 AFFINE_SCALES = ("softclamp", "sigmoid", "exp", "softplus")
-SOFTPLUS_EPS = 1e-3
 
 
 def softplus_affine(x: torch.Tensor, shift: torch.Tensor, scale_raw: torch.Tensor, inverse: bool = False):
-    """nflows' MAF step ``y = x * s + shift`` with ``s = softplus(u) + 1e-3`` and log-det sum log s.
-
-    Runs through the fused op's "exp" scale fed with ``log s``: the log-det is nflows' sum of log s
-    exactly, and y differs from nflows' ``x * s + shift`` by the one rounding of ``exp(log s)``.
-    (A "softplus" scale inside the op would save the two elementwise passes that form ``log s``.)
-    """
-    log_s = torch.log(F.softplus(scale_raw) + SOFTPLUS_EPS)
-    return ops.affine_coupling(x, shift, log_s, scale="exp", inverse=inverse)
+    """nflows' MAF step ``y = x * s + shift`` with ``s = softplus(u) + 1e-3`` (:data:`SOFTPLUS_EPS`) and
+    log-det sum log s: the fused op's "softplus" scale, one pass over x, shift and u."""
+    return ops.affine_coupling(x, shift, scale_raw, scale="softplus", inverse=inverse)
 
 
 def affine_step(x, shift, scale_raw, scale: str, inverse: bool):
-    """``(y, logdet)`` of ``y = x * s(u) + shift`` (or its inverse) for a name in :data:`AFFINE_SCALES`."""
-    if scale == "softplus":
-        return softplus_affine(x, shift, scale_raw, inverse)
+    """``(y, logdet)`` of ``y = x * s(u) + shift`` (or its inverse) for a name in :data:`AFFINE_SCALES`,
+    every one of them a scale of the fused op."""
     return ops.affine_coupling(x, shift, scale_raw, scale=scale, inverse=inverse)
 
 
@@ -92,9 +89,19 @@ class _AffineAutoregressive(Transform):
         return affine_step(inputs, shift, scale_raw, self.scale, inverse=False)
 
     def inverse(self, inputs, context=None):
+        """``(x, logabsdet)`` with ``forward(x) = inputs``: the incremental MADE inversion (each hidden
+        unit computed once, :mod:`fastdensity.sampling.made_incremental`) when no graph is needed and the
+        MADE is in a mode it supports, else :meth:`inverse_by_passes`; both give the same result to
+        round-off. ``fastdensity.sampling.autoregressive_method(module, "naive")`` forces the passes."""
+        from ..sampling import autoregressive_inverse
+
+        self._check(inputs, context)
+        return autoregressive_inverse(self, inputs, context, self.inverse_by_passes)
+
+    def inverse_by_passes(self, inputs, context=None):
         """D MADE passes (nflows' scheme): after pass k, the first k features in the MADE's order are
         exact, since each depends only on features before it; the last pass's parameters are exact for
-        every feature, so its log-det is too."""
+        every feature, so its log-det is too. Differentiable (autograd sees every pass)."""
         self._check(inputs, context)
         x = torch.zeros_like(inputs)
         logdet = None

@@ -98,12 +98,19 @@ class CompositeTransform(Transform):
     :mod:`fastdensity.nn.invertible_memory`). A member that cannot be rebuilt cheaply is stored, with a
     warning that names it. Gradients are the same either way (to round-off); only ``forward`` under
     autograd changes, ``inverse`` and gradient-free calls are the same code for both.
+    ``anchor_every`` (``"invert"`` only): also keep the output of every that many members (12 by
+    default), so that each input is rebuilt through at most that many inverses (None: through the whole
+    run); a rebuilt input that drifts anyway is caught and its segment recomputed the storing way.
     """
 
-    def __init__(self, transforms: Iterable[Transform], memory: str = "store"):
+    def __init__(self, transforms: Iterable[Transform], memory: str = "store", anchor_every: int | None = 12):
         super().__init__()
         self._transforms = nn.ModuleList(transforms)
         self.memory = memory
+        if anchor_every is not None and (isinstance(anchor_every, bool) or not isinstance(anchor_every, int)
+                                         or anchor_every < 1):
+            raise ValueError(f"anchor_every must be None or an integer >= 1; got {anchor_every!r}")
+        self.anchor_every = anchor_every
 
     @property
     def memory(self) -> str:
@@ -148,11 +155,10 @@ class CompositeTransform(Transform):
 
     def forward(self, inputs, context=None):
         if self._memory == "invert" and torch.is_grad_enabled():
-            from .invertible_memory import forward_by_inversion, rebuild_problem
+            from .invertible_memory import forward_by_inversion
 
             self._check(inputs, context)
-            steps = list(self._transforms)
-            return forward_by_inversion(steps, inputs, context, self, [rebuild_problem(t) for t in steps])
+            return forward_by_inversion(list(self._transforms), inputs, context, self, self.anchor_every)
         return self._cascade(inputs, self._transforms, context, "forward")
 
     def inverse(self, inputs, context=None):

@@ -254,7 +254,9 @@ class MaskedPiecewiseRationalQuadraticAutoregressive(_SplineSettings, Transform)
 
     The spline of feature d takes its P = 3K - 1 parameters from ``made(x, context).view(B, D, P)[:, d]``,
     which depends only on the features before d (in the MADE's ``ordering``), so the Jacobian is
-    triangular: one MADE pass gives z and the log-det; the inverse needs D passes (nflows' scheme).
+    triangular: one MADE pass gives z and the log-det. The inverse is sequential: D MADE passes
+    (nflows' scheme, :meth:`inverse_by_passes`), or by default each MADE unit computed once in D small
+    steps (:mod:`fastdensity.sampling.made_incremental`).
 
     Args:
         features: D.
@@ -285,18 +287,41 @@ class MaskedPiecewiseRationalQuadraticAutoregressive(_SplineSettings, Transform)
             random_mask=random_mask, activation=activation, dropout_probability=dropout_probability,
             use_batch_norm=use_batch_norm)
 
-    def _params(self, x, context):
+    def _check(self, x, context):
+        """The argument checks of every call, made before either inverse runs (the incremental one reads
+        the MADE's weights directly, past the MADE's own checks)."""
         if x.dim() != 2 or x.shape[1] != self.features:
             raise ValueError(f"inputs must be [B, {self.features}]; got shape {tuple(x.shape)}")
         check_context(x, context, type(self).__name__)
+        width = self.autoregressive_net.context_features
+        if context is not None and width is None:
+            raise ValueError(f"{type(self).__name__} was built without context_features: it takes no context")
+        if width is not None and (context is None or context.dim() != 2 or context.shape[1] != width):
+            got = None if context is None else list(context.shape)
+            raise ValueError(f"{type(self).__name__} was built with context_features={width}: it needs a context "
+                             f"[B, {width}]; got {got}")
+
+    def _params(self, x, context):
         return self.autoregressive_net(x, context).view(x.shape[0], self.features, self.params_per_element)
 
     def forward(self, inputs, context=None):
+        self._check(inputs, context)
         return self._spline_from(inputs, self._params(inputs, context), inverse=False)
 
     def inverse(self, inputs, context=None):
+        """``(x, logabsdet)`` with ``forward(x) = inputs``: the incremental MADE inversion (each hidden
+        unit computed once, :mod:`fastdensity.sampling.made_incremental`) when no graph is needed and the
+        MADE is in a mode it supports, else :meth:`inverse_by_passes`; the same result to round-off."""
+        from ..sampling import autoregressive_inverse
+
+        self._check(inputs, context)
+        return autoregressive_inverse(self, inputs, context, self.inverse_by_passes)
+
+    def inverse_by_passes(self, inputs, context=None):
         """D MADE passes from x = 0: after pass k the first k features in the MADE's order are exact,
-        so the last pass's parameters, and with them x and the log-det, are exact for every feature."""
+        so the last pass's parameters, and with them x and the log-det, are exact for every feature.
+        Differentiable (autograd sees every pass)."""
+        self._check(inputs, context)
         x = torch.zeros_like(inputs)
         logabsdet = None
         for _ in range(self.features):

@@ -5,10 +5,10 @@
 
 In the spirit of Liger-Kernel's one-line patching: every module of a supported class changes class, in
 place, to a subclass of its own class whose computing methods route through :mod:`fastdensity.ops`
-(fused coupling, tile-skipping masked matmul). Nothing else changes: the same Parameter and buffer
-objects, the same ``state_dict`` keys and values, the same construction-time behaviour (data-dependent
-initialisation, caches, properties), so the user's optimizer, checkpoints and training loop keep
-working and ``log_prob``, ``sample`` (same seed) and gradients equal the original's to round-off.
+(fused coupling, fused spline, tile-skipping masked matmul). Nothing else changes: the same Parameter
+and buffer objects, the same ``state_dict`` keys and values, the same construction-time behaviour
+(data-dependent initialisation, caches, properties), so the user's optimizer, checkpoints and training
+loop keep working and ``log_prob``, ``sample`` (same seed) and gradients equal the original's to round-off.
 Calling it again finds the fused classes and changes nothing.
 
 What is supported is one table, :data:`HANDLERS`: the peer class's qualified name -> the fused class
@@ -43,6 +43,11 @@ HANDLERS: dict[str, str] = {
     "nflows.transforms.made.MaskedLinear": f"{_NFLOWS}:FusedMaskedLinear",
     "nflows.transforms.normalization.ActNorm": f"{_NFLOWS}:FusedActNorm",
     "nflows.transforms.lu.LULinear": f"{_NFLOWS}:FusedLULinear",
+    "nflows.transforms.coupling.PiecewiseRationalQuadraticCouplingTransform":
+        f"{_NFLOWS}:FusedPiecewiseRationalQuadraticCouplingTransform",
+    "nflows.transforms.autoregressive.MaskedPiecewiseRationalQuadraticAutoregressiveTransform":
+        f"{_NFLOWS}:FusedMaskedPiecewiseRationalQuadraticAutoregressiveTransform",
+    "nflows.transforms.nonlinearities.PiecewiseRationalQuadraticCDF": f"{_NFLOWS}:FusedPiecewiseRationalQuadraticCDF",
     "zuko.flows.autoregressive.MaskedAutoregressiveTransform": f"{_ZUKO}:FusedMaskedAutoregressiveTransform",
     "zuko.flows.coupling.GeneralCouplingTransform": f"{_ZUKO}:FusedGeneralCouplingTransform",
     "zuko.nn.MaskedLinear": f"{_ZUKO}:FusedMaskedLinear",

@@ -10,6 +10,12 @@ univariate class. zuko's ``MaskedLinear`` (the layers of ``MaskedMLP``) runs ``o
 ``log s = u / (1 + |u / log(slope)|)``, and maps ``y = x exp(log s) + shift``, log-det sum log s over
 the last dim; :class:`FusedMonotonicAffine` forms the same ``log s`` and runs the rest as one
 ``ops.affine_coupling(..., scale="exp")``.
+
+``MonotonicRQSTransform(widths, heights, derivatives, bound=5.0, slope=1e-3)`` (zuko's NSF and its
+coupling form, ``NSF(passes=2)``): :class:`FusedMonotonicRQS` runs
+``ops.rational_quadratic_spline(x, widths, heights, derivatives, parameterization="zuko")``, the three
+parameter tensors being slices of the hyper network's output read in place; the log-det is summed over
+the last dim (zuko's ``DependentTransform(..., 1)``).
 """
 from __future__ import annotations
 
@@ -21,13 +27,13 @@ from torch.distributions import Transform, constraints
 from zuko.flows.autoregressive import MaskedAutoregressiveTransform
 from zuko.flows.coupling import GeneralCouplingTransform
 from zuko.nn import MaskedLinear
-from zuko.transforms import MonotonicAffineTransform
+from zuko.transforms import MonotonicAffineTransform, MonotonicRQSTransform
 from zuko.utils import broadcast
 
-from .. import ops
+from .. import backend, ops
 
-__all__ = ["FusedMonotonicAffine", "FusedMaskedAutoregressiveTransform", "FusedGeneralCouplingTransform",
-           "FusedMaskedLinear", "UNIVARIATE"]
+__all__ = ["FusedMonotonicAffine", "FusedMonotonicRQS", "FusedMaskedAutoregressiveTransform",
+           "FusedGeneralCouplingTransform", "FusedMaskedLinear", "UNIVARIATE"]
 
 
 class FusedMonotonicAffine(Transform):
@@ -65,10 +71,54 @@ class FusedMonotonicAffine(Transform):
         return self._run(x, inverse=False)
 
 
+class FusedMonotonicRQS(Transform):
+    """zuko's ``DependentTransform(MonotonicRQSTransform(widths, heights, derivatives, bound, slope), 1)`` on
+    the fused op (parameterisation "zuko": soft-clipped logits, exp slopes, the identity outside
+    [-bound, bound]). Shapes: x [..., D]; widths, heights [..., D, K]; derivatives [..., D, K - 1], their
+    batch dims broadcasting with x's. The log-det is summed over D."""
+
+    domain = constraints.independent(constraints.real, 1)
+    codomain = constraints.independent(constraints.real, 1)
+    bijective = True
+    sign = +1
+
+    def __init__(self, widths: torch.Tensor, heights: torch.Tensor, derivatives: torch.Tensor, bound: float = 5.0,
+                 slope: float = 1e-3):
+        super().__init__()
+        self.widths, self.heights, self.derivatives = widths, heights, derivatives
+        self.bound, self.slope = float(bound), float(slope)
+
+    def _run(self, x: torch.Tensor, inverse: bool):
+        shape = torch.broadcast_shapes(x.shape, self.widths.shape[:-1])
+        features = shape[-1]
+
+        def rows(t, *last):  # [..., D, *last] -> [rows, D, *last]: a view unless broadcasting made a copy
+            return t.to(x.dtype).expand(*shape, *last).reshape(-1, features, *last)
+
+        K = self.widths.shape[-1]
+        y, ladj = ops.rational_quadratic_spline(
+            rows(x), rows(self.widths, K), rows(self.heights, K), rows(self.derivatives, K - 1), inverse=inverse,
+            bound=self.bound, parameterization="zuko", slope=self.slope)
+        return y.view(shape), ladj.view(shape[:-1])
+
+    def _call(self, x):
+        return self._run(x, inverse=False)[0]
+
+    def _inverse(self, y):
+        return self._run(y, inverse=True)[0]
+
+    def log_abs_det_jacobian(self, x, y):
+        return self._run(x, inverse=False)[1]
+
+    def call_and_ladj(self, x):
+        return self._run(x, inverse=False)
+
+
 #: zuko univariate class -> ``f(*phi, **keywords) -> fused transform`` for the parameters ``phi`` that
 #: zuko's ``unpack`` makes of the hyper network's output (one tensor per entry of the lazy transform's
 #: shapes) and the keywords of a ``functools.partial`` of the class (zuko's NSF passes ``bound`` so)
-UNIVARIATE = {MonotonicAffineTransform: FusedMonotonicAffine}
+UNIVARIATE = {MonotonicAffineTransform: FusedMonotonicAffine,
+              MonotonicRQSTransform: FusedMonotonicRQS}
 
 
 def _univariate(constructor) -> tuple[object, dict]:
@@ -83,7 +133,8 @@ class _FusedMeta:
     """``meta(c, x)`` as zuko's, with the univariate transform from :data:`UNIVARIATE`."""
 
     _fastdensity_fused = True
-    fused_ops = "meta(): the univariate transform fused (ops.affine_coupling for the affine one)"
+    fused_ops = ("meta(): the univariate transform fused (ops.affine_coupling for the affine one, "
+                 "ops.rational_quadratic_spline for the spline)")
 
     @classmethod
     def unsupported(cls, module):
@@ -120,4 +171,7 @@ class FusedMaskedLinear(MaskedLinear):
     fused_ops = "ops.masked_linear"
 
     def forward(self, x):
+        if not backend.use_kernels(x, "masked_linear"):
+            # as in fastdensity.peers.nflows.FusedMaskedLinear: zuko's own product on the reference path
+            return super().forward(x)
         return ops.masked_linear(x, self.weight, self.mask, self.bias)

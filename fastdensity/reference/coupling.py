@@ -12,8 +12,11 @@ Scale functions (``h`` is ``scale_raw``):
 
     "exp"        s = exp(h)                        log s = h
     "softclamp"  s = exp(c * tanh(h / c))          log s = c * tanh(h / c)   (|log s| < c)
-    "sigmoid"    s = sigmoid(h + 2) + 1e-3         Glow's choice and nflows' default
+    "sigmoid"    s = sigmoid(h + 2) + 1e-3         Glow's choice and nflows' coupling default
+    "softplus"   s = softplus(h) + 1e-3            nflows' MAF; log s = log(softplus(h) + 1e-3)
     "additive"   s = 1                             NICE; scale_raw is not read, logdet = 0
+
+softplus is PyTorch's ``F.softplus`` (log(1 + exp(h)), and h itself past h = 20), as nflows calls it.
 
 The log-det is returned in float32 for half-precision inputs and float64 for float64 inputs: a sum of
 thousands of log-scales in bf16 would keep about three significant digits.
@@ -21,12 +24,14 @@ thousands of log-scales in bf16 would keep about three significant digits.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._dtypes import acc_dtype
 
-SCALES = ("exp", "softclamp", "sigmoid", "additive")
+SCALES = ("exp", "softclamp", "sigmoid", "softplus", "additive")
 SIGMOID_OFFSET = 2.0
 SIGMOID_EPS = 1e-3
+SOFTPLUS_EPS = 1e-3
 DEFAULT_CLAMP = 2.0
 
 
@@ -40,7 +45,10 @@ def scale_and_log_scale(scale_raw: torch.Tensor, scale: str, clamp: float = DEFA
     if scale == "sigmoid":
         s = torch.sigmoid(scale_raw + SIGMOID_OFFSET) + SIGMOID_EPS
         return s, torch.log(s)
-    raise ValueError(f"scale must be one of {SCALES[:3]} here; got {scale!r}")
+    if scale == "softplus":
+        s = F.softplus(scale_raw) + SOFTPLUS_EPS
+        return s, torch.log(s)
+    raise ValueError(f"scale must be one of {[name for name in SCALES if name != 'additive']} here; got {scale!r}")
 
 
 def affine_coupling(

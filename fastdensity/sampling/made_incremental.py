@@ -301,22 +301,16 @@ def _residual_layers(made, context, order, batch):
 
 
 def _affine_solver(transform, z: torch.Tensor) -> Solve:
-    """Feature d's ``x_d = (z_d - shift) / s(u)`` with the transform's scale function, in the reference
-    op's arithmetic (``fastdensity.reference.coupling``; nflows' softplus scale as
-    ``fastdensity.nn.autoregressive.softplus_affine`` feeds it to the op), on contiguous [B] rows: the
-    public op's argument checks would cost more than the arithmetic, once per feature."""
-    from ..nn.autoregressive import SOFTPLUS_EPS
+    """Feature d's ``x_d = (z_d - shift) / s(u)`` with the transform's scale function (nflows' softplus
+    among them), in the reference op's arithmetic (``fastdensity.reference.coupling``), on contiguous
+    [B] rows: the public op's argument checks would cost more than the arithmetic, once per feature."""
     from ..reference.coupling import scale_and_log_scale
 
     shift_at, scale_at, scale = transform.shift_index, transform.scale_index, transform.scale
     z_rows = z.t().contiguous()  # [D, B]
 
     def solve(d: int, p: torch.Tensor, out: torch.Tensor) -> None:
-        raw = p[scale_at]
-        if scale == "softplus":
-            s = torch.exp(torch.log(F.softplus(raw) + SOFTPLUS_EPS))
-        else:
-            s, _ = scale_and_log_scale(raw, scale)
+        s, _ = scale_and_log_scale(p[scale_at], scale)
         torch.div(z_rows[d] - p[shift_at], s, out=out)
 
     return solve

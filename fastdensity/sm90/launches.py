@@ -11,12 +11,13 @@ record`` arranges it). Within :func:`dry_run`:
   answers 4 programs for each of the H100's 132 SMs;
 * an autotuned kernel records every configuration it would benchmark (each is compiled on the GPU).
 
-A record is a dict ``{"module", "kernel", "args", "options", "origin"}``. ``args`` maps each parameter
+A record is a dict ``{"module", "kernel", "args", "options", "origin", "sources"}``. ``args`` maps each parameter
 to ``["val", v]`` / ``["dtype", "fp32"]`` for constexprs and, for runtime arguments, to the class of
 value Triton specialises on (so launches differing only in sizes count once): ``["ptr", dtype,
 aligned]`` (data pointer a multiple of 16 bytes), ``["int", r]`` with ``r`` a stand-in of the same class
 (1: specialised to a constant; 16: a multiple of 16; 17: neither; 2**32 and 2**32 + 1 the same for
-64-bit values), ``["float"]``, ``["bool"]``, ``["none"]``. ``origin`` names the first case that made it.
+64-bit values), ``["float"]``, ``["bool"]``, ``["none"]``. ``origin`` names the first case that made it,
+``sources`` every kind of case that did ("verify cpu", "verify gpu", "bench", "variants").
 
 What is launched: ``fastdensity verify``'s cases at their CPU and GPU shapes in float32, bfloat16,
 float16 and float64 (the GPU tier's dtypes; the small CPU shapes stand in for the GPU tests' awkward
@@ -134,7 +135,8 @@ class Recorder:
 def kernel_modules() -> list:
     import fastdensity.kernels as package
 
-    return [importlib.import_module(f"{package.__name__}.{info.name}") for info in pkgutil.iter_modules(package.__path__)]
+    names = [info.name for info in pkgutil.iter_modules(package.__path__)]
+    return [importlib.import_module(f"{package.__name__}.{name}") for name in names]
 
 
 def all_kernels() -> list[tuple[str, str]]:
@@ -154,9 +156,9 @@ def dry_run(recorder: Recorder) -> Iterator[None]:
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
 
-    from fastdensity import backend
+    from fastdensity.kernels import utils
 
-    if not backend._interpreted:
+    if not utils.INTERPRETED:
         raise RuntimeError("the dry run needs the kernels interpreted: set TRITON_INTERPRET=1 before importing "
                            "fastdensity (python -m fastdensity.sm90 record does)")
 
@@ -212,68 +214,71 @@ def _forward_backward(fn: Callable, inputs, wrt) -> None:
             torch.autograd.grad(loss, targets, allow_unused=True)
 
 
+@contextlib.contextmanager
+def _case(recorder: Recorder, source: str, origin: str) -> Iterator[None]:
+    """Launches within are the case ``origin``'s; an error ends the case, not the recording (it is listed)."""
+    recorder.source, recorder.origin = source, origin
+    torch.manual_seed(0)
+    try:
+        yield
+    except Exception as exc:
+        recorder.errors.append(f"{origin}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
 def _verify_launches(recorder: Recorder, dtypes) -> None:
     from fastdensity import verify
 
-    for op, build in verify.builders().items():
+    for build in verify.builders().values():
         for cuda in (False, True):
             for case in build(cuda):
                 for dtype in dtypes:
-                    recorder.source = f"verify {'gpu' if cuda else 'cpu'}"
-                    recorder.origin = f"{recorder.source}: {case.function} {case.label} {dtype}"
-                    torch.manual_seed(0)
-                    args = []
-                    for i, a in enumerate(case.make(torch.device("cpu"))):
-                        if isinstance(a, torch.Tensor) and a.is_floating_point():
-                            half = dtype in (torch.float16, torch.bfloat16)
-                            a = a.to(torch.float32 if half and i in case.keep_fp32 else dtype)
-                            a.requires_grad_(i in case.grad_args)
-                        args.append(a)
-                    _forward_backward(case.call, args, [a for a in args if isinstance(a, torch.Tensor)])
+                    source = f"verify {'gpu' if cuda else 'cpu'}"
+                    with _case(recorder, source, f"{source}: {case.function} {case.label} {dtype}"):
+                        args = []
+                        for i, a in enumerate(case.make(torch.device("cpu"))):
+                            if isinstance(a, torch.Tensor) and a.is_floating_point():  # as verify rounds them
+                                half = dtype in (torch.float16, torch.bfloat16)
+                                a = a.to(torch.float32 if half and i in case.keep_fp32 else dtype)
+                                a.requires_grad_(i in case.grad_args)
+                            args.append(a)
+                        _forward_backward(case.call, args, [a for a in args if isinstance(a, torch.Tensor)])
 
 
-class _GpuSettings:
+def _gpu_settings():
     """Benchmark settings that say "CUDA" (the GPU suite's cases and shapes) with tensors on the CPU."""
+    from fastdensity.benchmarks.harness import Settings
 
-    def __new__(cls):
-        from fastdensity.benchmarks.harness import Settings
+    class GpuShapes(Settings):
+        @property
+        def cuda(self) -> bool:
+            return True
 
-        class Gpu(Settings):
-            @property
-            def cuda(self) -> bool:
-                return True
-
-        return Gpu(device=torch.device("cpu"))
+    return GpuShapes(device=torch.device("cpu"))
 
 
-def _bench_launches(recorder: Recorder, names=None, dtypes=None) -> None:
+def _bench_launches(recorder: Recorder, names, dtypes) -> None:
+    """The fastdensity providers of the benchmark modules ``names``' GPU cases in ``dtypes``."""
     from fastdensity.benchmarks import cases as bench_cases
     from fastdensity.benchmarks import suite
 
-    settings = _GpuSettings()
+    settings = _gpu_settings()
     check = bench_cases._kernel_check
     bench_cases._kernel_check = lambda device, kernel: None  # "CUDA only": the dry run is as good here
     try:
-        for name in names or suite.names():
-            try:
+        for name in names:
+            with _case(recorder, "bench", f"bench {name}: building the cases"):
                 cases = suite.load_cases([name], settings)[name]
-            except Exception as exc:  # one module that cannot build its cases must not hide the others'
-                recorder.errors.append(f"bench {name}: building the cases failed: {type(exc).__name__}: {exc}")
-                continue
-            for case in cases:
-                if case.unavailable:
-                    continue
-                for provider in case.providers:
-                    if not provider.name.startswith("fastdensity"):
+                for case in cases:
+                    if case.unavailable or case.dtype not in dtypes:
                         continue
-                    if dtypes is not None and case.dtype not in dtypes:
-                        continue
-                    recorder.source = "bench"
-                    recorder.origin = f"bench: {case.op} {case.shape} {str(case.dtype).replace('torch.', '')}"
-                    torch.manual_seed(0)
-                    runner = provider.build()
-                    inputs = case.make_inputs()
-                    _forward_backward(runner.fn, inputs, runner.grad_targets(inputs))
+                    for provider in case.providers:
+                        if not provider.name.startswith("fastdensity"):
+                            continue
+                        origin = f"bench: {case.op} {case.shape} {str(case.dtype).replace('torch.', '')}"
+                        with _case(recorder, "bench", origin):
+                            runner = provider.build()
+                            inputs = case.make_inputs()
+                            _forward_backward(runner.fn, inputs, runner.grad_targets(inputs))
     finally:
         bench_cases._kernel_check = check
 

@@ -2,7 +2,7 @@
 
 A launch passes when it compiles, spills nothing, needs at most 227 KiB of shared memory per block and
 reaches its kernel's occupancy floor: ``SM90_OCCUPANCY_FLOOR = {"_kernel": (fraction, "reason")}``
-beside the kernel in its module, or :data:`DEFAULT_FLOOR`.
+beside the kernel in its module (``"_kernel[float64]"``: for that dtype only), or :data:`DEFAULT_FLOOR`.
 
 Both steps run as subprocesses (:func:`measure`): the dry run needs the kernels interpreted, the
 compile needs them compiled, and the compile may run under another Python environment - the GPU
@@ -139,10 +139,17 @@ def compile_records(records: list[dict], python: str | None = None, jobs: int | 
 # ----------------------------------------------------------------------------------------------------
 
 
-def floor_of(module: str, kernel: str) -> tuple[float, str]:
-    """The kernel's ``(fraction, reason)`` from its module's SM90_OCCUPANCY_FLOOR, else DEFAULT_FLOOR."""
+def floor_of(module: str, kernel: str, dtype: str | None = None) -> tuple[float, str]:
+    """The kernel's ``(fraction, reason)`` from its module's SM90_OCCUPANCY_FLOOR - the entry for this dtype
+    (``"_kernel[float64]"``, the dtype of the launch's first pointer, as :attr:`Row.dtype`) where there is
+    one, else the kernel's - or DEFAULT_FLOOR."""
     floors = getattr(importlib.import_module(module), "SM90_OCCUPANCY_FLOOR", {})
-    return floors.get(kernel, DEFAULT_FLOOR)
+    return floors.get(f"{kernel}[{dtype}]") or floors.get(kernel, DEFAULT_FLOOR)
+
+
+def data_dtype(record: dict) -> str:
+    """The dtype of a launch's first pointer argument ("-" for none)."""
+    return next((v[1] for v in record["args"].values() if v[0] == "ptr"), "-")
 
 
 def problems(figures: dict, floor: float) -> list[str]:
@@ -172,11 +179,11 @@ class Row:
 
     @property
     def kernel(self) -> str:
-        return f"{self.record['module'].rsplit('.', 1)[-1]}.{self.record['kernel']}"
+        return kernel_name(self.record)
 
     @property
     def dtype(self) -> str:
-        return next((v[1] for v in self.record["args"].values() if v[0] == "ptr"), "-")
+        return data_dtype(self.record)
 
     @property
     def config(self) -> str:
@@ -194,14 +201,23 @@ def _short(value) -> str:
 def judge(records: list[dict], compiled: dict) -> list[Row]:
     rows = []
     for record, figures in zip(records, compiled["results"]):
-        floor = floor_of(record["module"], record["kernel"])[0]
+        floor = floor_of(record["module"], record["kernel"], data_dtype(record))[0]
         rows.append(Row(record, figures, compiled["triton"], floor, problems(figures, floor)))
     return rows
 
 
-def measure(pythons: list[str | None], quick: bool = False) -> tuple[list[dict], list[str], list[list[Row]]]:
-    """Record once, then compile and judge under each interpreter (None: this one)."""
+def kernel_name(record: dict) -> str:
+    """``module.kernel`` as the table prints it (``coupling._coupling_fwd_kernel``)."""
+    return f"{record['module'].rsplit('.', 1)[-1]}.{record['kernel']}"
+
+
+def measure(pythons: list[str | None], quick: bool = False,
+            only: str | None = None) -> tuple[list[dict], list[str], list[list[Row]]]:
+    """Record once, then compile and judge under each interpreter (None: this one); ``only``: just the
+    launches whose kernel name (:func:`kernel_name`) contains this string."""
     records, errors = record(quick)
+    if only:
+        records = [r for r in records if only in kernel_name(r)]
     return records, errors, [judge(records, compile_records(records, python)) for python in pythons]
 
 
@@ -229,11 +245,14 @@ def format_rows(rows: list[Row], only_problems: bool = False) -> str:
     return "\n".join(lines)
 
 
-def report(pythons: list[str | None], quick: bool = False, only_problems: bool = False) -> tuple[str, int]:
+def report(pythons: list[str | None], quick: bool = False, only_problems: bool = False,
+           only: str | None = None) -> tuple[str, int]:
     """The text ``fastdensity info --kernels`` prints - per Triton a summary line and the table - and its
-    exit status (1 when a launch is over the budget or a case could not be recorded)."""
-    records, errors, per_triton = measure(pythons, quick)
-    lines = [f"{len(records)} distinct kernel launches ({'the quick CI set' if quick else 'the full set'}): "
+    exit status (1 when a launch is over the budget or a case could not be recorded). ``only``: as
+    :func:`measure`."""
+    records, errors, per_triton = measure(pythons, quick, only)
+    lines = [f"{len(records)} distinct kernel launches ({'the quick CI set' if quick else 'the full set'}"
+             f"{f', kernels matching {only!r}' if only else ''}): "
              "verify's cases at CPU and GPU shapes, the GPU benchmark suite, each module's SM90_VARIANTS; "
              "compiled for sm_90 (H100), no GPU needed"]
     lines += [f"could not record: {e}" for e in errors]
