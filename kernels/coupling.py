@@ -283,7 +283,6 @@ def _as_3d(shape, tensors):
 #: two 16-byte loads per input per thread, and with the registers that leaves (measured with ptxas for
 #: sm_90, Triton 3.6 and 3.9: 17-72 per thread for every scale and dtype, against 130-255 and spills at
 #: 32 per thread) 28 or more warps fit an SM, which keeps the loads in flight that bandwidth needs.
-#: Provisional until a GPU run compares it.
 ELEMS_PER_THREAD = 8
 MAX_WARPS = 4
 _INT32_MAX = 2 ** 31 - 1
@@ -446,7 +445,7 @@ def _backward(ctx, grad_y, grad_logdet):
 affine_coupling_op.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(affine_coupling_backward_op, "affine_coupling")
 
-#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: Least occupancy (resident warps / 64) each kernel needs on a Hopper SM (sm_90) and why; the static sm_90 tier
 #: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
 SM90_OCCUPANCY_FLOOR = {name: (0.25, "memory-bound (~1 flop per byte): 16 warps of 8-32 elements per thread keep "
                                      "the ~30 KB per SM in flight that 4.8 TB/s at ~0.8 us needs")

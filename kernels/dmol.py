@@ -404,7 +404,7 @@ def _needs_wide(HW: int, block: int, H: int, W: int, *strides) -> bool:
 
 
 def _block(hw: int) -> tuple[int, int]:
-    """Pixels per program and warps: one pixel per thread, at most 128 (provisional until GPU tuning)."""
+    """Pixels per program and warps: one pixel per thread, at most 128."""
     block = min(128, max(16, next_pow2(hw)))
     return block, max(1, block // 32)
 
@@ -566,7 +566,7 @@ def _backward(ctx, grad_out, _grad_lse_joint, _grad_lse_logits):
 dmol_log_prob_op.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(dmol_log_prob_backward_op, "dmol_log_prob")
 
-#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: Least occupancy (resident warps / 64) each kernel needs on a Hopper SM (sm_90) and why; the static sm_90 tier
 #: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
 SM90_OCCUPANCY_FLOOR = {name: (0.25, "memory-bound: each pixel reads its 10K (RGB) parameters once for ~3 "
                                      "transcendentals each; 16 warps keep ~30 KB per SM in flight, as 4.8 TB/s needs")

@@ -52,7 +52,7 @@ __all__ = ["INTERPRETED", "lse_forward", "lse_backward", "logsumexp_op",
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-#: Block-size limits of the launcher heuristics (provisional until tuned on the H100). Tests lower
+#: Block-size limits of the launcher heuristics. Tests lower
 #: MAX_BLOCK_N to send tiny rows through the chunked and split paths.
 MAX_BLOCK_N = 4096
 TILE_ELEMS = 4096
@@ -330,7 +330,7 @@ def _backward(ctx, grad):
 logsumexp_op.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(logsumexp_backward_op, "logsumexp")
 
-#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: Least occupancy (resident warps / 64) each kernel needs on a Hopper SM (sm_90) and why; the static sm_90 tier
 #: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
 SM90_OCCUPANCY_FLOOR = {name: (0.25, "memory-bound (one read of x, a few flops per element): 16 warps keep the "
                                      "~30 KB per SM in flight that 4.8 TB/s at ~0.8 us needs")

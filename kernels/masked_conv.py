@@ -769,7 +769,7 @@ def _sm90_variants(kind: str):
 #: kernel name -> (data dtype name -> [(constexpr overrides, launch options)]): GPU-only tile configs.
 SM90_VARIANTS = {_KERNELS[kind][0].__name__: _sm90_variants(kind) for kind in _KERNELS}
 
-#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: Least occupancy (resident warps / 64) each kernel needs on a Hopper SM (sm_90) and why; the static sm_90 tier
 #: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
 SM90_OCCUPANCY_FLOOR = {name: (0.125, "tensor-core GEMM tiles: the num_stages-deep load pipeline and the MMAs' "
                                       "own parallelism hide latency, so one 8-warp or two 4-warp blocks per SM suffice"

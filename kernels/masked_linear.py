@@ -239,7 +239,7 @@ MMA_CHUNK = 32
 
 
 def launch_config(M: int, N: int, K: int, dtype: torch.dtype, precision: Optional[str] = None) -> LaunchConfig:
-    """Heuristic block sizes (provisional: to be tuned on an H100). ``precision``: fp32's tl.dot
+    """Heuristic block sizes. ``precision``: fp32's tl.dot
     precision, PyTorch's current choice (:func:`_fp32_precision`) when None.
 
     Tiles aim at ~16 per side of the mask (fine enough to follow a triangle's edge, at least 16 for
@@ -544,7 +544,7 @@ SM90_VARIANTS = {
     _masked_grad_weight_kernel.__name__: lambda dtype_name: _sm90_variants(dtype_name, grad_weight=True),
 }
 
-#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: Least occupancy (resident warps / 64) each kernel needs on a Hopper SM (sm_90) and why; the static sm_90 tier
 #: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
 SM90_OCCUPANCY_FLOOR = {name: (0.125, "tensor-core GEMM tiles: the num_stages-deep load pipeline and the MMAs' "
                                       "own parallelism hide latency, so one 8-warp or two 4-warp blocks per SM suffice"

@@ -70,7 +70,7 @@ from .utils import (FP_FUSION, INTERPRETED, acc_dtype, collapse_inner_dims, empt
 
 __all__ = ["INTERPRETED", "KIND_CODES", "mixture_forward", "mixture_backward", "mixture_log_prob_op"]
 
-#: Launcher limits (provisional until measured on the H100; tests lower them to reach every path).
+#: Launcher limits (tests lower them to reach every path).
 MAX_BLOCK_D = 512     # longer rows loop over feature chunks
 TILE_ELEMS = 512      # rows per program = TILE_ELEMS / BLOCK_D
 ELEMS_PER_THREAD = 4  # of a tile (fp64: half, in twice the warps): warps = tile / (32 ELEMS_PER_THREAD)
@@ -528,7 +528,7 @@ def _backward(ctx, grad):
 mixture_log_prob_op.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(mixture_log_prob_backward_op, "the mixture log-likelihoods")
 
-#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: Least occupancy (resident warps / 64) each kernel needs on a Hopper SM (sm_90) and why; the static sm_90 tier
 #: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
 SM90_OCCUPANCY_FLOOR = {name: (0.25, "memory-bound with per-sample parameters (each [B, K, D] element read once "
                                      "for a few flops): 16 warps keep ~30 KB per SM in flight, as 4.8 TB/s needs")

@@ -79,7 +79,8 @@ ulps, and every weight of a row would be off by that difference - modelled at 3x
 error, past the rule. So :func:`shared_backward` recomputes log p with the direct forward whenever the
 forward may have expanded; and ``fastdensity.ops`` asks for the direct forward at once wherever a gradient
 will be needed (the op's ``tensor_cores`` argument), so a training step costs what it did before the
-expansion existed and only inference and evaluation gain. The backward as matrix products of the responsibilities W [N, K]
+expansion existed and only inference and evaluation gain. The backward as matrix products of the
+responsibilities W [N, K]
 (``dmu = a (W^T x - mu W^T 1)``, ``dl = a (W^T x^2 - 2 mu W^T x + mu^2 W^T 1) - W^T 1``, ``dx = W b - x (W a)``)
 cancels the same way (the variance-as-E[x^2]-E[x]^2 kind; table below) and would need a criterion of its
 own: not done.
@@ -137,9 +138,10 @@ HALF_LOG_2PI = tl.constexpr(_HALF_LOG_2PI)
 #: exp(-l) into two factors past it (the reference's ``log_scale_cap``; a test checks they agree).
 LOG_SCALE_CAP = {torch.float32: 88.0, torch.float64: 709.0}
 
-#: Tile sizes (provisional until tuned on the H100; tests lower them to reach multi-tile paths).
+#: Tile sizes (tests lower them to reach multi-tile paths).
 BLOCK_N = 64
 BLOCK_K = 32
+LOGISTIC_PARAMS_BLOCK_N = 32  # rows per step of the logistic parameter backward (see shared_backward)
 
 #: The expanded (tensor-core) forward for float32 Gaussians; see "The tensor-core forward" above.
 TENSOR_CORES = True
@@ -461,8 +463,10 @@ def _component_constants(logits, means, log_scales, kind: str, acc: torch.dtype)
     return mu, inv_hi, inv_lo, c.contiguous()
 
 
-def _tiles(N: int, K: int):
-    block_n = min(BLOCK_N, next_pow2(N))
+def _tiles(N: int, K: int, acc: torch.dtype):
+    # float64 takes half the rows: at 64 x 32 on 4 warps the direct forward reaches 128-168 registers and
+    # spills 4-8 B (sm_90, Triton 3.6 / 3.9); at 32 x 32, 78-94 registers and no spill.
+    block_n = min(BLOCK_N if acc != torch.float64 else BLOCK_N // 2, next_pow2(N))
     block_k = min(BLOCK_K, next_pow2(K))
     return block_n, block_k, 4 if block_n * block_k >= 1024 else 2
 
@@ -501,7 +505,7 @@ def shared_forward(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, l
         warps = 4
     else:
         a, bm, cq = inv_hi, inv_hi, c  # not read
-        block_n, block_k, warps = _tiles(N, K)
+        block_n, block_k, warps = _tiles(N, K, acc)
         tc = {}
     _shared_fwd_kernel[(triton.cdiv(N, block_n),)](
         x, mu, inv_hi, inv_lo, c, a, bm, cq, out, N, K, D, x.stride(0), x.stride(1),
@@ -530,7 +534,7 @@ def shared_backward(grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, m
     mu, inv_hi, inv_lo, c = _component_constants(logits, means, log_scales, kind, acc)
     g = grad.to(acc).contiguous()
     lp = log_prob.to(acc).contiguous()
-    block_n, block_k, warps = _tiles(N, K)
+    block_n, block_k, warps = _tiles(N, K, acc)
     meta = dict(KIND=KIND_CODES[kind], ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
                 enable_fp_fusion=FP_FUSION)
     gx = None
@@ -539,6 +543,11 @@ def shared_backward(grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, m
         _shared_bwd_x_kernel[(triton.cdiv(N, block_n),)](
             x, mu, inv_hi, inv_lo, c, lp, g, gx, N, K, D, x.stride(0), x.stride(1), **meta)
 
+    # The logistic parameter gradient keeps more live values per (row, component) than the Gaussian's: at
+    # 64 x 32 on 4 warps ptxas caps it at 128 registers and spills 28 B (Triton 3.9, sm_90); half the rows
+    # per step fit in 80 registers without a spill (occupancy 0.375).
+    if kind == "logistic" and block_n > LOGISTIC_PARAMS_BLOCK_N:
+        meta["BLOCK_N"] = block_n = LOGISTIC_PARAMS_BLOCK_N
     n_tiles, k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
     n_split = min(n_tiles, max(1, triton.cdiv(target_programs(x.device), k_tiles)))
     per = triton.cdiv(n_tiles, n_split)
@@ -552,7 +561,7 @@ def shared_backward(grad: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, m
     return gx, ga.sum(dim=0) - pi * g.sum(), gm.sum(dim=0), gl.sum(dim=0)
 
 
-#: Least occupancy (resident warps / 64) each kernel needs on an H100 and why; the static sm_90 tier
+#: Least occupancy (resident warps / 64) each kernel needs on a Hopper SM (sm_90) and why; the static sm_90 tier
 #: (fastdensity.sm90, tests/test_sm90_compile.py) checks every launch against it.
 SM90_OCCUPANCY_FLOOR = {name: (0.125, "compute-bound, not memory-bound: every x element meets all K shared "
                                       "components (FMA and MUFU pipes; the forward's expanded tiles also tensor "

@@ -129,8 +129,7 @@ def row_tile(rows: int, cols: int, max_tile: int = 4096, max_cols: int = 2048) -
 
 def warps_for(tile_elems: int) -> int:
     """Warps per program for an elementwise tile of ``tile_elems`` (a power of two): 8 to 32 elements per
-    thread from 512 elements up (a 4096-element tile gets 4 warps, 32 elements each). Chosen without a
-    GPU: provisional until the benchmarks have compared it with more warps."""
+    thread from 512 elements up (a 4096-element tile gets 4 warps, 32 elements each)."""
     if tile_elems >= 8192:
         return 8
     if tile_elems >= 2048:

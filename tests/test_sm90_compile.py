@@ -104,14 +104,7 @@ BOTH, ONLY_36, ONLY_39 = ("3.6", "3.9"), ("3.6",), ("3.9",)
 
 #: Launches over the budget when this list was written, with what was measured (registers per thread,
 #: spill stores/loads in bytes per thread, occupancy). Keep it exact: remove an entry when its xfail passes.
-KNOWN_OVER_BUDGET: list[OverBudget] = [
-    OverBudget("mixture_shared._shared_bwd_params_kernel", HALF, ONLY_39, "BLOCK_N=64 BLOCK_K=32 warps=4",
-               "3.9: 128 regs, spill 28 B, occ 0.250"),
-    OverBudget("mixture_shared._shared_bwd_params_kernel", FP32, ONLY_39, "BLOCK_N=64 BLOCK_K=32 warps=4",
-               "3.9: 128 regs, spill 28 B, occ 0.250"),
-    OverBudget("mixture_shared._shared_fwd_kernel", FP64, BOTH, "BLOCK_N=64 BLOCK_K=32 warps=4",
-               "3.6: 128 regs, spill 4 B, occ 0.250; 3.9: 168 regs, spill 8 B, occ 0.188", full_only=True),
-]
+KNOWN_OVER_BUDGET: list[OverBudget] = []
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,9 +6,12 @@
 ``glow``           :class:`Glow`: ActNorm -> invertible 1x1 conv -> affine coupling steps; multi-scale with
                    learned-prior splits for images
 ``maf``            :class:`MAF`: stacked MADE affine autoregressive transforms with permutations
+``nsf``            :class:`NSF`: neural spline flow, rational-quadratic spline couplings or MADE-based
+                   autoregressive splines
 ``pixelcnn``       :class:`PixelCNN`: masked convolutions, gated residual blocks, discretized logistic
                    mixture head (discrete images)
 ``gmm``            :class:`GaussianMixture`: a diagonal Gaussian mixture
+``tarflow``        :class:`TarFlow`: causal-transformer affine autoregressive flow over image patches
 =================  ======================================================================================
 
 Every model takes its per-example ``shape`` first and keyword arguments after; ``build_model(name,
