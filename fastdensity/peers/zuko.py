@@ -36,15 +36,29 @@ __all__ = ["FusedMonotonicAffine", "FusedMonotonicRQS", "FusedMaskedAutoregressi
            "FusedGeneralCouplingTransform", "FusedMaskedLinear", "UNIVARIATE"]
 
 
-class FusedMonotonicAffine(Transform):
-    """zuko's ``DependentTransform(MonotonicAffineTransform(shift, scale), 1)`` on the fused op:
-    ``y = x exp(log s) + shift`` with ``log s = scale / (1 + |scale / log(slope)|)``, the log-det summed
-    over the last dim. Shapes: x, shift, scale broadcast to [..., D]."""
+class _FusedUnivariate(Transform):
+    """What the fused univariate transforms share: zuko's ``DependentTransform(..., 1)`` interface over a
+    ``_run(x, inverse) -> (y, log-det summed over the last dim)`` that subclasses define."""
 
     domain = constraints.independent(constraints.real, 1)
     codomain = constraints.independent(constraints.real, 1)
     bijective = True
     sign = +1
+
+    def _call(self, x):
+        return self._run(x, inverse=False)[0]
+
+    def _inverse(self, y):
+        return self._run(y, inverse=True)[0]
+
+    def call_and_ladj(self, x):
+        return self._run(x, inverse=False)
+
+
+class FusedMonotonicAffine(_FusedUnivariate):
+    """zuko's ``DependentTransform(MonotonicAffineTransform(shift, scale), 1)`` on the fused op:
+    ``y = x exp(log s) + shift`` with ``log s = scale / (1 + |scale / log(slope)|)``, the log-det summed
+    over the last dim. Shapes: x, shift, scale broadcast to [..., D]."""
 
     def __init__(self, shift: torch.Tensor, scale: torch.Tensor, slope: float = 1e-3):
         super().__init__()
@@ -58,29 +72,15 @@ class FusedMonotonicAffine(Transform):
                                       log_scale.reshape(-1, features), scale="exp", inverse=inverse)
         return y.view(x.shape), ladj.view(x.shape[:-1])
 
-    def _call(self, x):
-        return self._run(x, inverse=False)[0]
-
-    def _inverse(self, y):
-        return self._run(y, inverse=True)[0]
-
     def log_abs_det_jacobian(self, x, y):
         return torch.broadcast_tensors(x, self.log_scale)[1].sum(-1)
 
-    def call_and_ladj(self, x):
-        return self._run(x, inverse=False)
 
-
-class FusedMonotonicRQS(Transform):
+class FusedMonotonicRQS(_FusedUnivariate):
     """zuko's ``DependentTransform(MonotonicRQSTransform(widths, heights, derivatives, bound, slope), 1)`` on
     the fused op (parameterisation "zuko": soft-clipped logits, exp slopes, the identity outside
     [-bound, bound]). Shapes: x [..., D]; widths, heights [..., D, K]; derivatives [..., D, K - 1], their
     batch dims broadcasting with x's. The log-det is summed over D."""
-
-    domain = constraints.independent(constraints.real, 1)
-    codomain = constraints.independent(constraints.real, 1)
-    bijective = True
-    sign = +1
 
     def __init__(self, widths: torch.Tensor, heights: torch.Tensor, derivatives: torch.Tensor, bound: float = 5.0,
                  slope: float = 1e-3):
@@ -101,17 +101,8 @@ class FusedMonotonicRQS(Transform):
             bound=self.bound, parameterization="zuko", slope=self.slope)
         return y.view(shape), ladj.view(shape[:-1])
 
-    def _call(self, x):
-        return self._run(x, inverse=False)[0]
-
-    def _inverse(self, y):
-        return self._run(y, inverse=True)[0]
-
     def log_abs_det_jacobian(self, x, y):
         return self._run(x, inverse=False)[1]
-
-    def call_and_ladj(self, x):
-        return self._run(x, inverse=False)
 
 
 #: zuko univariate class -> ``f(*phi, **keywords) -> fused transform`` for the parameters ``phi`` that
