@@ -3,18 +3,24 @@
 One call draws a batch of B samples from a fixed model (``forward`` mode only: sampling has no
 backward). Providers:
 
-==================  =================================================================================
-provider            what runs
-==================  =================================================================================
-fastdensity         the default sampler: ``PixelCNN.sample(B)`` (cached, each activation once) or the
-                    MAF's incremental inverse (each MADE unit once), through :mod:`fastdensity.sampling`
-eager               the naive reference sampler: the whole PixelCNN per pixel (H * W passes), D MADE
-                    passes per MAF transform (nflows' scheme)
-compiled            the naive sampler with the network ``torch.compile``'d (PixelCNN's ``network``,
-                    each MADE's ``forward``): what a user would try first on the naive loop
-fastdensity_window  PixelCNN only: fastdensity's previous sampler, the network on each pixel's window
-nflows, zuko        MAF only: the peers' MAF of the same size sampling as they do (D passes)
-==================  =================================================================================
+==============================  ===================================================================
+provider                        what runs
+==============================  ===================================================================
+fastdensity                     the default sampler: ``PixelCNN.sample(B)`` (cached, each activation
+                                once) or the MAF's incremental inverse (each MADE unit once), through
+                                :mod:`fastdensity.sampling`
+eager                           the naive reference sampler: the whole PixelCNN per pixel (H * W
+                                passes), D MADE passes per MAF transform (nflows' scheme)
+compiled                        the naive sampler with the network ``torch.compile``'d (PixelCNN's
+                                ``network``, each MADE's ``forward``): what a user would try first
+fastdensity_window              PixelCNN only: fastdensity's previous sampler, the network on each
+                                pixel's window
+nflows, zuko                    MAF only: the peers' MAF of the same size sampling as they do (D
+                                passes)
+fastdensity.accelerate[nflows]  MAF only: that nflows MAF after ``fastdensity.accelerate``, whose MADE
+                                transforms then invert incrementally (each unit once) under the
+                                ``no_grad`` the peers sample in
+==============================  ===================================================================
 
 All run under the run's backend (on CPU, the reference ops). Cases:
 
@@ -133,7 +139,7 @@ def _maf_case(settings: Settings, d: int, layers: int, hidden: int, batch: int) 
                 made.forward = torch.compile(made.forward, dynamic=False)
         return m
 
-    def nflows_build():
+    def nflows_build(accelerated: bool = False):
         from nflows.distributions.normal import StandardNormal
         from nflows.flows.base import Flow
         from nflows.transforms import CompositeTransform
@@ -147,6 +153,10 @@ def _maf_case(settings: Settings, d: int, layers: int, hidden: int, batch: int) 
             if k < layers - 1:
                 transforms.append(ReversePermutation(d))
         flow = Flow(CompositeTransform(transforms), StandardNormal([d])).to(settings.device).eval()
+        if accelerated:
+            import fastdensity
+
+            fastdensity.accelerate(flow)
         return Runner(lambda _token: _no_grad(lambda: flow.sample(batch)))
 
     def zuko_build():
@@ -157,7 +167,9 @@ def _maf_case(settings: Settings, d: int, layers: int, hidden: int, batch: int) 
         return Runner(lambda _token: _no_grad(lambda: flow().sample((batch,))))
 
     providers = _providers(build, sample("incremental"), sample("naive"), compile_mades)
-    providers += [peer("nflows", "nflows", nflows_build), peer("zuko", "zuko", zuko_build)]
+    providers += [peer("nflows", "nflows", nflows_build),
+                  peer("fastdensity.accelerate[nflows]", "nflows", lambda: nflows_build(accelerated=True)),
+                  peer("zuko", "zuko", zuko_build)]
     return Case(
         op=OP_MAF,
         shape=f"D={d} L={layers} H={hidden} B={batch}",

@@ -72,9 +72,16 @@ def _build(settings: Settings, shape, config: dict, perturb: bool) -> torch.nn.M
 
 
 def _label(shape, batch: int, config: dict, tokens: int) -> str:
+    """The case's shape column; ``spline=K`` when the model has a value spline (the default since
+    2026-12-03: rows without it are of the model before)."""
+    import inspect
+
+    from fastdensity.models import TarFlow
+
+    spline = config.get("spline_bins", inspect.signature(TarFlow).parameters["spline_bins"].default)
     dims = "x".join(map(str, shape))
     return (f"{dims} B={batch} p={config['patch_size']} T={tokens} blocks={config['num_blocks']}x"
-            f"{config['layers_per_block']} W={config['width']}")
+            f"{config['layers_per_block']} W={config['width']}" + (f" spline={spline}" if spline else ""))
 
 
 def _tokens(shape, patch: int) -> int:

@@ -27,6 +27,22 @@ import fastdensity  # noqa: E402,F401
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--quality", action="store_true",
+                     help="also run the quality tier (tests/test_quality.py): full-length default training runs "
+                          "against the stated quality bars, minutes each")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Quality-tier tests are skipped unless ``--quality`` asks for them (they train for minutes)."""
+    if config.getoption("--quality"):
+        return
+    skip = pytest.mark.skip(reason="quality tier: full-length training runs; run with --quality")
+    for item in items:
+        if "quality" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_poison():
     """Fresh seed per test; kernel outputs start as NaN so unwritten elements fail (docs/design.md, Tests)."""

@@ -41,7 +41,7 @@ from .tarflow import TarFlow
 MODELS = {cls.name: cls for cls in (RealNVP, Glow, MAF, NSF, PixelCNN, GaussianMixture, TarFlow)}
 
 __all__ = ["DensityModel", "RealNVP", "Glow", "MAF", "NSF", "PixelCNN", "GaussianMixture", "TarFlow", "MODELS",
-           "build_model"]
+           "build_model", "stored_model_args"]
 
 
 def build_model(name: str, shape, **kwargs) -> DensityModel:
@@ -57,6 +57,16 @@ def build_model(name: str, shape, **kwargs) -> DensityModel:
     cls = MODELS[name]
     kwargs = _checked_options(name, cls, kwargs)
     return _build_within_memory(name, cls, shape, kwargs)
+
+
+def stored_model_args(name: str, args: dict) -> dict:
+    """The keyword arguments that rebuild the model a checkpoint stored as ``(name, args)`` (its
+    ``model.config``): ``args`` plus, for every option the model gained after the checkpoint was written,
+    the value that reproduces the model of that time (``cls.added_options``). Without this, a new option's
+    default (TarFlow's value spline, say) would build a model whose weights the checkpoint lacks."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return {**MODELS[name].added_options, **args}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -108,6 +108,9 @@ class DensityModel(nn.Module):
     discrete = False
     #: C for a conditional model p(x | c) with contexts [B, C]; None for an unconditional one
     context_features: int | None = None
+    #: Options added after checkpoints of this model were first written, each with the value that builds
+    #: the model such a checkpoint holds (its config lacks the option): see :func:`stored_model_args`
+    added_options: dict = {}
 
     def __init__(self, shape: Sequence[int], **config):
         super().__init__()

@@ -9,7 +9,9 @@ AffineCouplingTransform                     ``ops.affine_coupling(x, h[:, :n], h
                                             s = sigmoid(u + 2) + 1e-3, y = x s + shift, log-det sum log s
 AdditiveCouplingTransform                   ``ops.affine_coupling(..., scale="additive")``: y = x + shift, 0
 MaskedAffineAutoregressiveTransform         ``ops.affine_coupling(x, p[..., 1], p[..., 0], scale="softplus")``:
-                                            s = softplus(u) + 1e-3 with u = p[..., 0], shift = p[..., 1]
+                                            s = softplus(u) + 1e-3 with u = p[..., 0], shift = p[..., 1];
+                                            the inverse incremental (each MADE unit once, not D passes) where
+                                            no graph is needed, as the autoregressive spline's below
 made.MaskedLinear                           ``ops.masked_linear(x, weight, mask, bias)``: zero tiles skipped
 ActNorm                                     ``ops.affine_coupling(x, shift, log_scale, scale="exp")``, the
                                             per-channel parameters broadcast as stride-0 views: one pass
@@ -37,6 +39,7 @@ from nflows.transforms import autoregressive, coupling, lu, made, nonlinearities
 
 from .. import backend, ops
 from ..nn.autoregressive import SOFTPLUS_EPS, softplus_affine
+from ..sampling.made_incremental import autoregressive_inverse
 
 __all__ = ["FusedAffineCouplingTransform", "FusedAdditiveCouplingTransform",
            "FusedMaskedAffineAutoregressiveTransform", "FusedMaskedLinear", "FusedActNorm", "FusedLULinear",
@@ -79,9 +82,97 @@ class FusedAdditiveCouplingTransform(coupling.AdditiveCouplingTransform):
         return ops.affine_coupling(inputs, transform_params.to(inputs.dtype), None, scale="additive", inverse=True)
 
 
+# ---------------------------------------------------------------------------------------------------
+# nflows' MADE, read by fastdensity's incremental inverse
+# ---------------------------------------------------------------------------------------------------
+
+
+class _MaskedLayerView:
+    """An nflows ``MaskedLinear`` as the incremental inverse reads a layer: its weight and bias, and its
+    0/1 float mask as a bool connectivity pattern."""
+
+    def __init__(self, layer: made.MaskedLinear):
+        self.weight, self.bias, self.out_features = layer.weight, layer.bias, layer.out_features
+        self.mask = layer.mask != 0
+
+
+class _ResidualBlockView:
+    def __init__(self, block: made.MaskedResidualBlock):
+        self.linear_layers = [_MaskedLayerView(layer) for layer in block.linear_layers]
+        self.context_layer = getattr(block, "context_layer", None)
+        self.batch_norm_layers = getattr(block, "batch_norm_layers", None) if block.use_batch_norm else None
+
+
+class _PlainContext:
+    """nflows' plain MADE adds ``activation(U c)`` to the first layer only (before its activation); as the
+    per-layer context terms :mod:`fastdensity.sampling.made_incremental` reads: that term, then zeros."""
+
+    def __init__(self, net: made.MADE, widths: list[int]):
+        self.net, self.widths = net, widths
+
+    def __call__(self, context: torch.Tensor) -> torch.Tensor:
+        first = self.net.activation(self.net.context_layer(context))
+        return torch.cat([first, first.new_zeros(first.shape[0], sum(self.widths[1:]))], dim=1)
+
+
+class NflowsMADEView:
+    """nflows' ``MADE`` presented with the attributes of :class:`fastdensity.nn.MADE` that the incremental
+    inverse reads (:func:`fastdensity.sampling.incremental_made_inverse`), over the same parameters (no
+    copy): natural order (nflows' MADE has no ordering of its own; MAF permutes between transforms), the
+    degrees nflows stored, bool masks, and the two block structures with nflows' context wiring. Built
+    per call, so it always reads the current weights."""
+
+    def __init__(self, net: made.MADE):
+        self._net = net
+        first = net.initial_layer
+        self.features = first.in_features
+        self.hidden_features = first.out_features
+        self.output_multiplier = net.final_layer.out_features // self.features
+        self.activation = net.activation
+        self.use_residual_blocks = net.use_residual_blocks
+        self.ordering = self.generation_order = torch.arange(self.features, device=first.weight.device)
+        self.input_layer = _MaskedLayerView(first)
+        self.output_layer = _MaskedLayerView(net.final_layer)
+        blocks = list(net.blocks)
+        self.hidden_degrees = torch.stack([first.degrees, *(block.degrees for block in blocks)])
+        self.num_blocks = len(blocks)
+        if self.use_residual_blocks:
+            self.blocks = [_ResidualBlockView(block) for block in blocks]
+            self.context_layer = getattr(net, "context_layer", None)
+        else:
+            self.hidden_layers = [_MaskedLayerView(block.linear) for block in blocks]
+            norms = [block.batch_norm for block in blocks]
+            self.batch_norms = norms if any(n is not None for n in norms) else None
+            self._context_widths = [self.hidden_features] * (1 + len(blocks)) + [net.final_layer.out_features]
+            self.context_layer = (_PlainContext(net, self._context_widths) if hasattr(net, "context_layer")
+                                  else None)
+
+    @property
+    def training(self) -> bool:
+        return self._net.training
+
+    def modules(self):
+        return self._net.modules()
+
+
 class FusedMaskedAffineAutoregressiveTransform(autoregressive.MaskedAffineAutoregressiveTransform):
+    """nflows' MAF step with the fused affine op; its inverse computes each MADE unit once (one MADE's
+    work in D small steps, :mod:`fastdensity.sampling.made_incremental`) instead of nflows' D full
+    passes, wherever no autograd graph is needed (under ``torch.no_grad()``, or with frozen parameters
+    and inputs) and the MADE is in eval mode or has neither dropout nor batch norm; otherwise nflows' D
+    passes, as before. Both give the same samples (float64: to round-off)."""
+
     _fastdensity_fused = True
-    fused_ops = "ops.affine_coupling, scale 'softplus'"
+    fused_ops = "ops.affine_coupling, scale 'softplus'; incremental inverse"
+    # nflows' parameter layout, as the incremental inverse reads it: [..., 0] the scale's input, [..., 1] shift
+    scale, scale_index, shift_index = "softplus", 0, 1
+
+    @property
+    def incremental_made(self) -> NflowsMADEView:
+        return NflowsMADEView(self.autoregressive_net)
+
+    def inverse(self, inputs, context=None):
+        return autoregressive_inverse(self, inputs, context, super().inverse)
 
     @classmethod
     def unsupported(cls, module):
@@ -225,9 +316,26 @@ class FusedPiecewiseRationalQuadraticCouplingTransform(_FusedSpline,
 
 class FusedMaskedPiecewiseRationalQuadraticAutoregressiveTransform(
         _FusedSpline, autoregressive.MaskedPiecewiseRationalQuadraticAutoregressiveTransform):
+    """nflows' autoregressive spline with the fused spline op; its inverse is incremental where it can
+    be, as :class:`FusedMaskedAffineAutoregressiveTransform`'s."""
+
+    fused_ops = _FusedSpline.fused_ops + "; incremental inverse"
+
+    @property
+    def incremental_made(self) -> NflowsMADEView:
+        return NflowsMADEView(self.autoregressive_net)
+
+    def inverse(self, inputs, context=None):
+        return autoregressive_inverse(self, inputs, context, super().inverse)
+
+    def _spline_from(self, inputs, params, inverse):
+        """The spline of ``inputs`` [B, D] with parameters ``params`` [B, D, 3K - 1] (what the incremental
+        inverse calls, per feature and at the end)."""
+        return self._fused_spline(inputs, params, inverse, _logit_scale(self.autoregressive_net, channels_too=False))
+
     def _elementwise(self, inputs, autoregressive_params, inverse=False):
         params = autoregressive_params.view(inputs.shape[0], inputs.shape[1], self._output_dim_multiplier())
-        return self._fused_spline(inputs, params, inverse, _logit_scale(self.autoregressive_net, channels_too=False))
+        return self._spline_from(inputs, params, inverse)
 
     def _elementwise_forward(self, inputs, autoregressive_params):
         return self._elementwise(inputs, autoregressive_params)

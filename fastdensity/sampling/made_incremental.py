@@ -15,14 +15,16 @@ position k see hidden units of degree <= k. So at step k, with positions < k kno
 
 and over the D steps every hidden unit is computed exactly once. With the units of each layer sorted
 by degree (the MADE sorts them; here they are sorted again by a stable argsort, so any degree order
-works), "degree k" is a contiguous block of rows and "degree <= k" a prefix, so step 1 is, per layer,
+works - nflows' MADE interleaves them - and batch norm's per-unit statistics are read through the same
+permutation), "degree k" is a contiguous block of rows and "degree <= k" a prefix, so step 1 is, per layer,
 one product ``W[block, :prefix] @ h_prev[:prefix]`` - the lower block triangle of the dense product,
 about half its flops over the whole inversion - and step 2 one ``[m, prefix]`` product. Activations
 are kept transposed, [units, B], so a block's rows and a prefix are contiguous slices.
 
 **What is supported**: both block structures of :class:`~fastdensity.nn.MADE` (plain, with the
 context entering every layer; nflows' residual blocks, with the context through the activation in
-the first layer and in each block), any ordering, random or sequential degrees, any elementwise
+the first layer and in each block), nflows' own MADE through a view of it
+(:class:`fastdensity.peers.nflows.NflowsMADEView`, a transform's ``incremental_made``), any ordering, random or sequential degrees, any elementwise
 activation, batch norm in eval mode (its per-unit affine map applies block by block), dropout in
 eval mode (the identity). In training mode batch norm normalises by the batch of the current pass
 and dropout draws a new mask per pass, so no incremental scheme equals the D-pass result there:
@@ -101,13 +103,14 @@ def incremental_unsupported(made) -> Optional[str]:
     return None
 
 
-def _normalize(norm, block: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Eval-mode batch norm of units ``start:end`` (block [units, B]), as ``norm`` computes it per unit."""
+def _normalize(norm, block: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """Eval-mode batch norm of a block [units, B] of sorted rows, as ``norm`` computes it per unit;
+    ``units`` are the rows' indices in the layer's own (unsorted) order, which the statistics follow."""
     if norm is None:
         return block
-    weight = None if norm.weight is None else norm.weight[start:end]
-    bias = None if norm.bias is None else norm.bias[start:end]
-    return F.batch_norm(block.t(), norm.running_mean[start:end], norm.running_var[start:end], weight, bias,
+    weight = None if norm.weight is None else norm.weight[units]
+    bias = None if norm.bias is None else norm.bias[units]
+    return F.batch_norm(block.t(), norm.running_mean[units], norm.running_var[units], weight, bias,
                         False, 0.0, norm.eps).t()
 
 
@@ -238,7 +241,7 @@ def _plain_layers(made, terms, order, batch):
             torch.addmm(offsets[l][s:e], weights[l][s:e, :p], source[:p], out=block)
             _activate(activation, block)
             if l + 1 < len(norms) and norms[l + 1] is not None:
-                feeds[l][s:e] = _normalize(norms[l + 1], block, s, e)
+                feeds[l][s:e] = _normalize(norms[l + 1], block, deg.perm[s:e])
         return hidden[-1]
 
     return degrees, run
@@ -282,12 +285,12 @@ def _residual_layers(made, context, order, batch):
         p = prefix[s]
         for i, (w_in, offset, w_out, b_out, (norm_in, norm_mid)) in enumerate(blocks):
             a = inputs[i][s:e]
-            a.copy_(_normalize(norm_in, stream[i][s:e], s, e))
+            a.copy_(_normalize(norm_in, stream[i][s:e], perm[s:e]))
             _activate(activation, a)
             t = gated[i][s:e]
             torch.addmm(offset[s:e], w_in[s:e, :p], inputs[i][:p], out=t)
             if norm_mid is not None:
-                t.copy_(_normalize(norm_mid, t, s, e))
+                t.copy_(_normalize(norm_mid, t, perm[s:e]))
             _activate(activation, t)
             torch.add(stream[i][s:e], torch.addmm(b_out[s:e], w_out[s:e, :p], gated[i][:p]), out=stream[i + 1][s:e])
         return stream[-1]
@@ -321,7 +324,7 @@ def affine_autoregressive_inverse(transform, z: torch.Tensor, context: Optional[
     layout, :class:`~fastdensity.nn.MaskedAffineAutoregressiveTransform`), each MADE unit computed once."""
     from ..nn.autoregressive import affine_step
 
-    _, params = incremental_made_inverse(transform.made, z, context, _affine_solver(transform, z))
+    _, params = incremental_made_inverse(_made_of(transform), z, context, _affine_solver(transform, z))
     # The elementwise inverse and the log-det once more on all parameters: the naive last pass's call.
     params = params.contiguous()
     return affine_step(z, params[:, :, transform.shift_index], params[:, :, transform.scale_index],
@@ -336,16 +339,27 @@ def spline_autoregressive_inverse(transform, z: torch.Tensor, context: Optional[
         x, _ = transform._spline_from(z[:, d:d + 1], p.t().unsqueeze(1), inverse=True)
         out.copy_(x[:, 0])
 
-    _, params = incremental_made_inverse(transform.autoregressive_net, z, context, solve)
+    _, params = incremental_made_inverse(_made_of(transform), z, context, solve)
     return transform._spline_from(z, params.contiguous(), inverse=True)
+
+
+def _made_of(transform):
+    """The MADE the incremental scheme reads: ``transform.incremental_made`` where the transform gives
+    one (a view of another library's MADE: :class:`fastdensity.peers.nflows.NflowsMADEView`), else its own
+    ``made`` or ``autoregressive_net``."""
+    view = getattr(transform, "incremental_made", None)
+    if view is not None:
+        return view
+    return transform.made if hasattr(transform, "made") else transform.autoregressive_net
 
 
 def _made_and_inverse(transform):
     """``(made, incremental inverse)`` of a MADE-based transform, or ``(None, None)``."""
-    if hasattr(transform, "made") and hasattr(transform, "shift_index"):
-        return transform.made, affine_autoregressive_inverse
-    if hasattr(transform, "autoregressive_net") and hasattr(transform, "_spline_from"):
-        return transform.autoregressive_net, spline_autoregressive_inverse
+    has_made = hasattr(transform, "made") or hasattr(transform, "autoregressive_net")
+    if has_made and hasattr(transform, "shift_index"):
+        return _made_of(transform), affine_autoregressive_inverse
+    if has_made and hasattr(transform, "_spline_from"):
+        return _made_of(transform), spline_autoregressive_inverse
     return None, None
 
 

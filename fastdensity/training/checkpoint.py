@@ -28,7 +28,7 @@ import torch
 
 from .. import data as fdata
 from ..atomic_io import atomic_write
-from ..models import DensityModel, build_model
+from ..models import DensityModel, build_model, stored_model_args
 from .config import TrainConfig
 from .integrity import ALGORITHM, named_tensors, non_finite_tensors, payload_digest
 
@@ -200,6 +200,6 @@ def restore_training_state(ckpt: dict, model: DensityModel,
 def model_from_checkpoint(ckpt: dict, device="cpu") -> tuple[DensityModel, fdata.Preprocess]:
     """The trained model (in eval mode, on ``device``) and its preprocessing, from a loaded checkpoint."""
     spec = ckpt["model"]
-    model = build_model(spec["name"], **spec["args"])
+    model = build_model(spec["name"], **stored_model_args(spec["name"], spec["args"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), fdata.make_preprocess(ckpt["preprocess"])

@@ -40,7 +40,7 @@ from torch import nn
 
 from .. import data as fdata
 from ..atomic_io import DiskFull
-from ..models import DensityModel
+from ..models import DensityModel, stored_model_args
 from .batches import Batches, training_batch
 from .checkpoint import (NonFiniteState, checkpoint_exists, checkpoint_to_resume, restore_training_state,
                          save_checkpoint)
@@ -114,7 +114,9 @@ def _train(config: TrainConfig, *, resume: bool, progress: bool, plots: bool, wo
             planned = TrainConfig.from_dict(ckpt["config"])
             config = config_for_resume(config, ckpt["config"])
         data = fdata.load_data(config.data, split_seed=config.split_seed)
-        model_args = model_args_for(config.model, data, config.model_args)
+        # A resumed run rebuilds the model its checkpoint holds, not today's defaults for its options.
+        model_args = model_args_for(config.model, data, config.model_args if ckpt is None else
+                                    stored_model_args(ckpt["model"]["name"], _without_shape(ckpt["model"]["args"])))
         config = resolve_defaults(config, data)
         if run_dir is None:
             run_dir = _open_run_directory(config.out, world, device)
@@ -126,6 +128,10 @@ def _train(config: TrainConfig, *, resume: bool, progress: bool, plots: bool, wo
     finally:
         if run_dir is not None and world.main:
             run_dir.close()
+
+
+def _without_shape(model_config: dict) -> dict:
+    return {k: v for k, v in model_config.items() if k != "shape"}
 
 
 def _open_run_directory(out: str, world: World, device: torch.device) -> RunDirectory:
