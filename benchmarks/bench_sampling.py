@@ -20,6 +20,7 @@ nflows, zuko                    MAF only: the peers' MAF of the same size sampli
 fastdensity.accelerate[nflows]  MAF only: that nflows MAF after ``fastdensity.accelerate``, whose MADE
                                 transforms then invert incrementally (each unit once) under the
                                 ``no_grad`` the peers sample in
+fastdensity.accelerate[zuko]    MAF only: the same for zuko's MAF
 ==============================  ===================================================================
 
 All run under the run's backend (on CPU, the reference ops). Cases:
@@ -159,17 +160,22 @@ def _maf_case(settings: Settings, d: int, layers: int, hidden: int, batch: int) 
             fastdensity.accelerate(flow)
         return Runner(lambda _token: _no_grad(lambda: flow.sample(batch)))
 
-    def zuko_build():
+    def zuko_build(accelerated: bool = False):
         import zuko
 
         torch.manual_seed(0)
         flow = zuko.flows.MAF(d, transforms=layers, hidden_features=(hidden, hidden)).to(settings.device).eval()
+        if accelerated:
+            import fastdensity
+
+            fastdensity.accelerate(flow)
         return Runner(lambda _token: _no_grad(lambda: flow().sample((batch,))))
 
     providers = _providers(build, sample("incremental"), sample("naive"), compile_mades)
     providers += [peer("nflows", "nflows", nflows_build),
                   peer("fastdensity.accelerate[nflows]", "nflows", lambda: nflows_build(accelerated=True)),
-                  peer("zuko", "zuko", zuko_build)]
+                  peer("zuko", "zuko", zuko_build),
+                  peer("fastdensity.accelerate[zuko]", "zuko", lambda: zuko_build(accelerated=True))]
     return Case(
         op=OP_MAF,
         shape=f"D={d} L={layers} H={hidden} B={batch}",

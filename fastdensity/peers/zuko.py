@@ -16,24 +16,36 @@ coupling form, ``NSF(passes=2)``): :class:`FusedMonotonicRQS` runs
 ``ops.rational_quadratic_spline(x, widths, heights, derivatives, parameterization="zuko")``, the three
 parameter tensors being slices of the hyper network's output read in place; the log-det is summed over
 the last dim (zuko's ``DependentTransform(..., 1)``).
+
+Sampling: zuko inverts a fully autoregressive ``MaskedAutoregressiveTransform`` (MAF, NSF) by D passes of
+its hyper network; the fused one inverts it computing each hidden unit once, in D small steps
+(:class:`ZukoMADEView` gives :mod:`fastdensity.sampling.made_incremental` the degrees read off zuko's
+masks), with zuko's answer to round-off. It applies where no autograd graph is needed - zuko's
+``sample`` runs under ``no_grad`` - and to a plain ``MaskedMLP``; a residual one, ``passes`` below the
+feature count, or a custom adjacency keep zuko's passes.
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.distributions import Transform, constraints
 from zuko.flows.autoregressive import MaskedAutoregressiveTransform
 from zuko.flows.coupling import GeneralCouplingTransform
 from zuko.nn import MaskedLinear
-from zuko.transforms import MonotonicAffineTransform, MonotonicRQSTransform
+from zuko.transforms import AutoregressiveTransform, MonotonicAffineTransform, MonotonicRQSTransform
 from zuko.utils import broadcast
 
 from .. import backend, ops
+from ..sampling.made_incremental import incremental_made_inverse
+from ..sampling.made_incremental import incremental_unsupported as made_unsupported
 
 __all__ = ["FusedMonotonicAffine", "FusedMonotonicRQS", "FusedMaskedAutoregressiveTransform",
-           "FusedGeneralCouplingTransform", "FusedMaskedLinear", "UNIVARIATE"]
+           "FusedGeneralCouplingTransform", "FusedMaskedLinear", "UNIVARIATE", "ZukoMADEView",
+           "incremental_unsupported"]
 
 
 class _FusedUnivariate(Transform):
@@ -139,7 +151,10 @@ class _FusedMeta:
     def meta(self, c, x):
         if c is not None:
             x = torch.cat(broadcast(x, c, ignore=1), dim=-1)
-        phi = self.hyper(x).unflatten(-1, (-1, self.total))
+        return self.univariate_of(self.hyper(x).unflatten(-1, (-1, self.total)))
+
+    def univariate_of(self, phi: torch.Tensor) -> _FusedUnivariate:
+        """The fused univariate transform of the hyper network's output ``phi`` [..., D, total]."""
         params, start = [], 0
         for shape in self.shapes:  # zuko's unpack: consecutive slices of the last dim, reshaped
             size = math.prod(shape)
@@ -148,9 +163,143 @@ class _FusedMeta:
         univariate, keywords = _univariate(self.univariate)
         return UNIVARIATE[univariate](*params, **keywords)
 
+    def column_solver(self, rows: torch.Tensor):
+        """``solve(d, params [total, B], out [B])`` for the incremental inverse of outputs ``rows`` [B, D]:
+        feature d's input from its parameters. The affine transform's is written out - once per feature,
+        the op's argument checks would cost more than its arithmetic - as :class:`FusedMonotonicAffine`
+        computes it; any other goes through the fused univariate transform on one column."""
+        univariate, keywords = _univariate(self.univariate)
+        if univariate is MonotonicAffineTransform:
+            log_slope = math.log(keywords.get("slope", 1e-3))
+            columns = rows.t().contiguous()
+
+            def solve_affine(d: int, p: torch.Tensor, out: torch.Tensor) -> None:
+                shift, scale = p[0], p[1]  # zuko's order: MonotonicAffineTransform(shift, scale)
+                torch.div(columns[d] - shift, torch.exp(scale / (1 + (scale / log_slope).abs())), out=out)
+
+            return solve_affine
+
+        def solve(d: int, p: torch.Tensor, out: torch.Tensor) -> None:
+            out.copy_(self.univariate_of(p.t()[:, None, :]).inv(rows[:, d:d + 1])[:, 0])
+
+        return solve
+
+
+# ---------------------------------------------------------------------------------------------------
+# The incremental inverse of a fully autoregressive MaskedAutoregressiveTransform (sampling)
+# ---------------------------------------------------------------------------------------------------
+
+
+class _LayerView:
+    """A zuko ``MaskedLinear`` restricted to some input columns, as the incremental inverse reads a layer."""
+
+    def __init__(self, layer: MaskedLinear, columns: slice = slice(None)):
+        self.weight, self.mask = layer.weight[:, columns], layer.mask[:, columns]
+        self.bias, self.out_features = layer.bias, layer.out_features
+
+
+class ZukoMADEView:
+    """The plain ``MaskedMLP`` hyper network of a fully autoregressive zuko ``MaskedAutoregressiveTransform``
+    (``passes`` = features), presented with the attributes of :class:`fastdensity.nn.MADE` that
+    :func:`fastdensity.sampling.incremental_made_inverse` reads, over the same parameters.
+
+    zuko gives its hidden units no degrees: they are read off the masks. Feature i sits at position
+    ``order[i]``; a first-layer unit's degree is 1 + the last position it reads (0 if it reads only the
+    context), a later unit's the largest degree among the units it reads, so a unit of degree q depends on
+    positions < q only (the incremental inverse checks every mask against these degrees). The context,
+    concatenated to x as extra input columns by zuko, enters the first layer only: its term is
+    ``W0[:, D:] c``."""
+
+    use_residual_blocks = False
+    batch_norms = None
+
+    def __init__(self, transform: MaskedAutoregressiveTransform):
+        self._hyper = transform.hyper
+        linears = [m for m in transform.hyper if isinstance(m, MaskedLinear)]
+        D = int(transform.order.numel())
+        self.features, self.output_multiplier = D, transform.total
+        self.ordering = transform.order
+        self.generation_order = torch.argsort(transform.order)
+        self.activation = next(m for m in transform.hyper if not isinstance(m, MaskedLinear))
+        self.input_layer = _LayerView(linears[0], slice(0, D))
+        self.hidden_layers = [_LayerView(layer) for layer in linears[1:-1]]
+        self.output_layer = _LayerView(linears[-1])
+        self.num_blocks = len(self.hidden_layers)
+        degrees = ((self.input_layer.mask.long() * (self.ordering[None, :] + 1)).amax(dim=1),)
+        for layer in self.hidden_layers:
+            degrees += ((layer.mask.long() * degrees[-1][None, :]).amax(dim=1),)
+        self.hidden_degrees = list(degrees)
+        self._context_widths = [layer.out_features for layer in linears]
+        context = _LayerView(linears[0], slice(D, None))
+        self.context_layer = None if context.weight.shape[1] == 0 else functools.partial(self._context, context)
+
+    def _context(self, layer: _LayerView, c: torch.Tensor) -> torch.Tensor:
+        """Per-layer context terms, concatenated: ``W0[:, D:] c`` for the first layer, zeros after."""
+        first = F.linear(c, torch.where(layer.mask, layer.weight, torch.zeros_like(layer.weight)))
+        return torch.cat([first, first.new_zeros(first.shape[0], sum(self._context_widths[1:]))], dim=1)
+
+    @property
+    def training(self) -> bool:
+        return self._hyper.training
+
+    def modules(self):
+        return self._hyper.modules()
+
+
+def incremental_unsupported(transform: MaskedAutoregressiveTransform) -> Optional[str]:
+    """Why the incremental inverse does not apply to ``transform``, or None when it does."""
+    if transform.order is None:
+        return "a custom adjacency (the incremental inverse needs an ordering)"
+    if transform.passes != transform.order.numel():
+        return f"passes={transform.passes}: a blocked scheme of few passes (zuko's own inverse is short already)"
+    if not all(isinstance(m, MaskedLinear) or not list(m.parameters()) for m in transform.hyper):
+        return ("a MaskedMLP with more than masked layers and parameter-free activations (residual blocks): "
+                "the incremental inverse reads plain masked layers")
+    activations = {type(m) for m in transform.hyper if not isinstance(m, MaskedLinear)}
+    if len(activations) != 1:
+        return "a MaskedMLP without hidden layers, or with several activation types"
+    return None
+
+
+class _IncrementalAutoregressiveTransform(AutoregressiveTransform):
+    """zuko's ``AutoregressiveTransform`` whose inverse computes each hidden unit of the hyper network once
+    (one network's work in D small steps) instead of D full passes, where no autograd graph is needed
+    (zuko's ``sample`` runs under ``no_grad``); elsewhere zuko's passes, as before."""
+
+    def __init__(self, lazy: "FusedMaskedAutoregressiveTransform", context: Optional[torch.Tensor]):
+        super().__init__(functools.partial(lazy.meta, context), lazy.passes)
+        self.lazy, self.context = lazy, context
+
+    def _needs_graph(self, y: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        tensors = [y] + ([self.context] if self.context is not None else [])
+        return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in self.lazy.parameters())
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        made = ZukoMADEView(self.lazy)
+        if self._needs_graph(y) or y.dim() == 0 or made_unsupported(made) is not None:
+            return super()._inverse(y)
+        D, shape, context = y.shape[-1], y.shape, None
+        if self.context is not None:  # zuko broadcasts the context against y's batch dims
+            y, c = broadcast(y, self.context, ignore=1)
+            shape, context = y.shape, c.reshape(-1, c.shape[-1])
+        rows = y.reshape(-1, D)
+        _, params = incremental_made_inverse(made, rows, context, self.lazy.column_solver(rows))
+        x = self.lazy.univariate_of(params).inv(rows)  # the last pass's call, on every parameter at once
+        return x.reshape(shape)
+
 
 class FusedMaskedAutoregressiveTransform(_FusedMeta, MaskedAutoregressiveTransform):
-    pass
+    """zuko's masked autoregressive transform with the fused univariate transform; fully autoregressive
+    ones (MAF, NSF) invert incrementally (:class:`_IncrementalAutoregressiveTransform`)."""
+
+    fused_ops = _FusedMeta.fused_ops + "; incremental inverse"
+
+    def forward(self, c: Optional[torch.Tensor] = None) -> Transform:
+        if incremental_unsupported(self) is not None:
+            return super().forward(c)
+        return _IncrementalAutoregressiveTransform(self, c)
 
 
 class FusedGeneralCouplingTransform(_FusedMeta, GeneralCouplingTransform):

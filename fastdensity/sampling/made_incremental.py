@@ -23,8 +23,8 @@ are kept transposed, [units, B], so a block's rows and a prefix are contiguous s
 
 **What is supported**: both block structures of :class:`~fastdensity.nn.MADE` (plain, with the
 context entering every layer; nflows' residual blocks, with the context through the activation in
-the first layer and in each block), nflows' own MADE through a view of it
-(:class:`fastdensity.peers.nflows.NflowsMADEView`, a transform's ``incremental_made``), any ordering, random or sequential degrees, any elementwise
+the first layer and in each block), nflows' MADE and zuko's plain ``MaskedMLP`` through views of
+them (:mod:`fastdensity.peers.nflows`, :mod:`fastdensity.peers.zuko`), layers of different widths, any ordering, random or sequential degrees, any elementwise
 activation, batch norm in eval mode (its per-unit affine map applies block by block), dropout in
 eval mode (the identity). In training mode batch norm normalises by the batch of the current pass
 and dropout draws a new mask per pass, so no incremental scheme equals the D-pass result there:
@@ -225,10 +225,9 @@ def _plain_layers(made, terms, order, batch):
         offsets.append(offset)
         prefixes.append(prefix.tolist())
     like = weights[0]
-    hidden = [like.new_zeros(made.hidden_features, batch) for _ in linears]
+    hidden = [like.new_zeros(linear.out_features, batch) for linear in linears]  # widths may differ (zuko)
     # What layer l + 1 reads: bn_l(h_l) with batch norm, else h_l itself.
-    feeds = [like.new_zeros(made.hidden_features, batch) if norm is not None else h
-             for norm, h in zip(norms[1:], hidden)] + [hidden[-1]]
+    feeds = [torch.zeros_like(h) if norm is not None else h for norm, h in zip(norms[1:], hidden)] + [hidden[-1]]
 
     def run(k: int, x_by_position: torch.Tensor) -> torch.Tensor:
         for l, deg in enumerate(degrees):
