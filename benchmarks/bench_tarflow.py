@@ -35,7 +35,8 @@ What the cache saves is compute: about T / 2 times fewer token passes. On a CPU 
 dominated by per-call overhead (~25 small ops), so the measured ratio grows with the work per token
 and shrinks when other jobs preempt those small calls. The CPU case's harness rows on the 2-core
 development machine, one thread (2026-12-03): KV-cached 347 ms, uncached 8339 ms, 24x (load ~15 from
-other jobs); 10.5x in a run at load ~20. The quick case (T = 64, batch 4, width 32) measured only 1.9x
+other jobs); 10.5x in a run at load ~20; with the value spline (``spline=32``, an idle machine) 167.9 ms
+against 3709 ms, 22x, and the Jacobi sampler 198.1 ms. The quick case (T = 64, batch 4, width 32) measured only 1.9x
 (40 ms against 75): at that size a whole-prefix pass costs little more than one token, and every step
 is overhead.
 

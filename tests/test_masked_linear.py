@@ -50,6 +50,14 @@ def test_reference_is_f_linear_on_the_masked_weight(mask_dtype):
     assert torch.count_nonzero(grads[1][mask == 0]) == 0
 
 
+def test_reference_double_backward():
+    """Second derivatives through the reference (gradgradcheck): the masking is differentiable twice."""
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    mask = random_mask(5, 6)
+    assert torch.autograd.gradgradcheck(lambda x, w: ref.masked_linear(x, w, mask).pow(2), (x, w))
+
+
 def test_reference_gradcheck():
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
