@@ -613,7 +613,8 @@ def test_accelerated_nflows_made_in_training_mode_with_batch_norm_keeps_nflows_p
 
 ZUKO_FLOWS = {
     "MAF": lambda **kw: zuko.flows.MAF(**kw),
-    "MAF random order, uneven widths": lambda **kw: zuko.flows.MAF(randperm=True, **{**kw, "hidden_features": (12, 20, 8)}),
+    "MAF random order, uneven widths":
+        lambda **kw: zuko.flows.MAF(randperm=True, **{**kw, "hidden_features": (12, 20, 8)}),
     "NSF": lambda **kw: zuko.flows.NSF(bins=4, **kw),
 }
 

@@ -155,17 +155,12 @@ class NflowsMADEView:
         return self._net.modules()
 
 
-class FusedMaskedAffineAutoregressiveTransform(autoregressive.MaskedAffineAutoregressiveTransform):
-    """nflows' MAF step with the fused affine op; its inverse computes each MADE unit once (one MADE's
-    work in D small steps, :mod:`fastdensity.sampling.made_incremental`) instead of nflows' D full
-    passes, wherever no autograd graph is needed (under ``torch.no_grad()``, or with frozen parameters
-    and inputs) and the MADE is in eval mode or has neither dropout nor batch norm; otherwise nflows' D
-    passes, as before. Both give the same samples (float64: to round-off)."""
-
-    _fastdensity_fused = True
-    fused_ops = "ops.affine_coupling, scale 'softplus'; incremental inverse"
-    # nflows' parameter layout, as the incremental inverse reads it: [..., 0] the scale's input, [..., 1] shift
-    scale, scale_index, shift_index = "softplus", 0, 1
+class _IncrementalInverse:
+    """The inverse of an nflows MADE transform with each MADE unit computed once (one MADE's work in D
+    small steps, :mod:`fastdensity.sampling.made_incremental`) instead of nflows' D full passes, wherever
+    no autograd graph is needed (under ``torch.no_grad()``, or with frozen parameters and inputs) and the
+    MADE is in eval mode or has neither dropout nor batch norm; elsewhere nflows' D passes, as before.
+    Both give the same result (float64: to round-off)."""
 
     @property
     def incremental_made(self) -> NflowsMADEView:
@@ -173,6 +168,15 @@ class FusedMaskedAffineAutoregressiveTransform(autoregressive.MaskedAffineAutore
 
     def inverse(self, inputs, context=None):
         return autoregressive_inverse(self, inputs, context, super().inverse)
+
+
+class FusedMaskedAffineAutoregressiveTransform(_IncrementalInverse, autoregressive.MaskedAffineAutoregressiveTransform):
+    """nflows' MAF step with the fused affine op and the incremental inverse."""
+
+    _fastdensity_fused = True
+    fused_ops = "ops.affine_coupling, scale 'softplus'; incremental inverse"
+    # nflows' parameter layout, as the incremental inverse reads it: [..., 0] the scale's input, [..., 1] shift
+    scale, scale_index, shift_index = "softplus", 0, 1
 
     @classmethod
     def unsupported(cls, module):
@@ -315,18 +319,10 @@ class FusedPiecewiseRationalQuadraticCouplingTransform(_FusedSpline,
 
 
 class FusedMaskedPiecewiseRationalQuadraticAutoregressiveTransform(
-        _FusedSpline, autoregressive.MaskedPiecewiseRationalQuadraticAutoregressiveTransform):
-    """nflows' autoregressive spline with the fused spline op; its inverse is incremental where it can
-    be, as :class:`FusedMaskedAffineAutoregressiveTransform`'s."""
+        _FusedSpline, _IncrementalInverse, autoregressive.MaskedPiecewiseRationalQuadraticAutoregressiveTransform):
+    """nflows' autoregressive spline with the fused spline op and the incremental inverse."""
 
     fused_ops = _FusedSpline.fused_ops + "; incremental inverse"
-
-    @property
-    def incremental_made(self) -> NflowsMADEView:
-        return NflowsMADEView(self.autoregressive_net)
-
-    def inverse(self, inputs, context=None):
-        return autoregressive_inverse(self, inputs, context, super().inverse)
 
     def _spline_from(self, inputs, params, inverse):
         """The spline of ``inputs`` [B, D] with parameters ``params`` [B, D, 3K - 1] (what the incremental

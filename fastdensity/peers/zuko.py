@@ -40,7 +40,7 @@ from zuko.transforms import AutoregressiveTransform, MonotonicAffineTransform, M
 from zuko.utils import broadcast
 
 from .. import backend, ops
-from ..sampling.made_incremental import incremental_made_inverse
+from ..sampling.made_incremental import incremental_made_inverse, needs_graph
 from ..sampling.made_incremental import incremental_unsupported as made_unsupported
 
 __all__ = ["FusedMonotonicAffine", "FusedMonotonicRQS", "FusedMaskedAutoregressiveTransform",
@@ -270,15 +270,9 @@ class _IncrementalAutoregressiveTransform(AutoregressiveTransform):
         super().__init__(functools.partial(lazy.meta, context), lazy.passes)
         self.lazy, self.context = lazy, context
 
-    def _needs_graph(self, y: torch.Tensor) -> bool:
-        if not torch.is_grad_enabled():
-            return False
-        tensors = [y] + ([self.context] if self.context is not None else [])
-        return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in self.lazy.parameters())
-
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         made = ZukoMADEView(self.lazy)
-        if self._needs_graph(y) or y.dim() == 0 or made_unsupported(made) is not None:
+        if needs_graph(self.lazy, (y, self.context)) or y.dim() == 0 or made_unsupported(made) is not None:
             return super()._inverse(y)
         D, shape, context = y.shape[-1], y.shape, None
         if self.context is not None:  # zuko broadcasts the context against y's batch dims

@@ -24,10 +24,11 @@ are kept transposed, [units, B], so a block's rows and a prefix are contiguous s
 **What is supported**: both block structures of :class:`~fastdensity.nn.MADE` (plain, with the
 context entering every layer; nflows' residual blocks, with the context through the activation in
 the first layer and in each block), nflows' MADE and zuko's plain ``MaskedMLP`` through views of
-them (:mod:`fastdensity.peers.nflows`, :mod:`fastdensity.peers.zuko`), layers of different widths, any ordering, random or sequential degrees, any elementwise
-activation, batch norm in eval mode (its per-unit affine map applies block by block), dropout in
-eval mode (the identity). In training mode batch norm normalises by the batch of the current pass
-and dropout draws a new mask per pass, so no incremental scheme equals the D-pass result there:
+them (:mod:`fastdensity.peers.nflows`, :mod:`fastdensity.peers.zuko`), layers of different widths,
+any ordering, random or sequential degrees, any elementwise activation, batch norm in eval mode (its
+per-unit affine map applies block by block), dropout in eval mode (the identity). In training mode
+batch norm normalises by the batch of the current pass and dropout draws a new mask per pass, so no
+incremental scheme equals the D-pass result there:
 :func:`incremental_unsupported` says so and :func:`autoregressive_inverse` runs the D passes. The
 masks are checked against the degrees (a mask that connects outside the degree rule is refused).
 
@@ -51,7 +52,8 @@ import torch.nn.functional as F
 from .progress import tick
 
 __all__ = ["MADE_METHODS", "incremental_unsupported", "incremental_made_inverse", "affine_autoregressive_inverse",
-           "spline_autoregressive_inverse", "autoregressive_inverse", "autoregressive_method", "sample_autoregressive"]
+           "spline_autoregressive_inverse", "autoregressive_inverse", "autoregressive_method", "sample_autoregressive",
+           "needs_graph"]
 
 #: ``sample(n, method=...)`` of the MADE-based models; the first is the default.
 MADE_METHODS = ("incremental", "naive")
@@ -362,7 +364,9 @@ def _made_and_inverse(transform):
     return None, None
 
 
-def _needs_graph(transform, tensors) -> bool:
+def needs_graph(transform, tensors) -> bool:
+    """Whether an inverse of ``transform`` on ``tensors`` (None entries ignored) must build an autograd
+    graph: grad mode on, and a tensor or a parameter of the transform requires grad."""
     if not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in tensors) or \
@@ -379,7 +383,7 @@ def autoregressive_inverse(transform, inputs: torch.Tensor, context: Optional[to
     if made is None:
         raise TypeError(f"{type(transform).__name__} is not a MADE-based transform")
     method = getattr(transform, "inverse_method", MADE_METHODS[0])
-    if method == "incremental" and not _needs_graph(transform, (inputs, context)) \
+    if method == "incremental" and not needs_graph(transform, (inputs, context)) \
             and incremental_unsupported(made) is None:
         return incremental(transform, inputs, context)
     return naive(inputs, context)
