@@ -368,6 +368,14 @@ class Data:
     source: str = ""
     split_seed: int = 0
     density: Optional[Density2D] = field(default=None, repr=False)
+    #: class labels of the (train, valid, test) examples, int64 [N] each, for data that has them (digits, a
+    #: file with ``labels``); what ``fastdensity train --conditional`` conditions on
+    labels: Optional[tuple] = field(default=None, repr=False)
+    num_classes: Optional[int] = None
+
+    def split_labels(self, split: str) -> Optional[torch.Tensor]:
+        """The labels of ``split`` ("train", "valid" or "test"), or None for data without labels."""
+        return None if self.labels is None else self.labels[("train", "valid", "test").index(split)]
 
     @property
     def dim(self) -> int:
@@ -433,11 +441,12 @@ def _digits(split_seed: int) -> Data:
     except ImportError as exc:
         raise ImportError("the digits dataset comes with scikit-learn: pip install \"fastdensity[data]\" "
                           "(or pip install scikit-learn)") from exc
-    images = load_digits().images  # [1797, 8, 8] float64 holding the integers 0..16
-    x = torch.from_numpy(images.astype(np.uint8)).unsqueeze(1)  # [N, 1, 8, 8]
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.uint8)).unsqueeze(1)  # [1797, 1, 8, 8], integers 0..16
     train, valid, test = _split(x, split_seed)
+    labels = _split(torch.from_numpy(digits.target.astype(np.int64)), split_seed)  # the same permutation
     return Data("digits", "discrete", (1, 8, 8), train, valid, test, levels=17, source="digits",
-                split_seed=split_seed)
+                split_seed=split_seed, labels=labels, num_classes=10)
 
 
 _MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
@@ -504,10 +513,42 @@ def _check_array(path: str, key: str, a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _check_labels(path: str, key: str, labels: np.ndarray, examples: int) -> np.ndarray:
+    where = f"array {key!r} in {path!r}"
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:
+        raise ValueError(f"{where} must hold class labels: integers of shape [N]; got {labels.dtype} of shape "
+                         f"{labels.shape}")
+    if labels.shape[0] != examples:
+        raise ValueError(f"{where} has {labels.shape[0]} labels for {examples} examples; give one label per example")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{where} holds a negative label ({labels.min()}); labels are classes 0..K-1")
+    return labels.astype(np.int64)
+
+
+def _file_labels(path: str, arrays: dict, parts: dict) -> Optional[dict]:
+    """The labels a file gives for its splits ``parts`` (name -> examples): ``labels`` beside a single array,
+    or ``<split>_labels`` beside train/valid/test; None when it gives none."""
+    if "train" not in arrays:
+        if "labels" not in arrays:
+            return None
+        (key, a), = parts.items()
+        return {key: _check_labels(path, "labels", arrays["labels"], a.shape[0])}
+    keys = [f"{k}_labels" for k in parts]
+    given = [k for k in keys if k in arrays]
+    if not given:
+        return None
+    if len(given) != len(keys):
+        raise ValueError(f"data file {path!r} has labels for some splits only ({', '.join(given)}); give "
+                         f"{', '.join(keys)}")
+    return {k: _check_labels(path, f"{k}_labels", arrays[f"{k}_labels"], a.shape[0]) for k, a in parts.items()}
+
+
 def _from_file(path: str, split_seed: int) -> Data:
     arrays = _load_arrays(path)
+    labels = None
     if "train" in arrays:
         parts = {k: _check_array(path, k, arrays[k]) for k in ("train", "valid", "test") if k in arrays}
+        labels = _file_labels(path, arrays, parts)
         for k, a in parts.items():
             if a.shape[1:] != parts["train"].shape[1:] or a.dtype.kind != parts["train"].dtype.kind:
                 raise ValueError(f"array {k!r} in {path!r} has shape {a.shape} ({a.dtype}); it must match "
@@ -520,25 +561,40 @@ def _from_file(path: str, split_seed: int) -> Data:
             pieces = _split(torch.from_numpy(np.ascontiguousarray(parts["train"])), split_seed, fractions)
             parts["train"] = pieces[0].numpy()
             parts.update((k, piece.numpy()) for k, piece in zip(missing, pieces[1:]))
+            if labels is not None:  # the same seeded permutation carves the labels
+                pieces = _split(torch.from_numpy(labels["train"]), split_seed, fractions)
+                labels["train"] = pieces[0].numpy()
+                labels.update((k, piece.numpy()) for k, piece in zip(missing, pieces[1:]))
         arrs = [parts["train"], parts["valid"], parts["test"]]
     else:
-        if len(arrays) != 1:
-            raise ValueError(f"data file {path!r} holds arrays {sorted(arrays)}; give it one array, or arrays named "
-                             "'train' (and optionally 'valid', 'test')")
-        (key, a), = arrays.items()
-        a = _check_array(path, key, a)
+        data_keys = [k for k in arrays if k != "labels"]
+        if len(data_keys) != 1:
+            raise ValueError(f"data file {path!r} holds arrays {sorted(arrays)}; give it one array (and optionally "
+                             "'labels', one class per example), or arrays named 'train' (and optionally 'valid', "
+                             "'test', 'train_labels', ...)")
+        key = data_keys[0]
+        a = _check_array(path, key, arrays[key])
+        labels = _file_labels(path, arrays, {key: a})
         arrs = [t.numpy() for t in _split(torch.from_numpy(np.ascontiguousarray(a)), split_seed)]
+        if labels is not None:
+            labels = dict(zip(("train", "valid", "test"), (t.numpy() for t in
+                                                          _split(torch.from_numpy(labels[key]), split_seed))))
+    label_args = {}
+    if labels is not None:
+        label_args = dict(labels=tuple(torch.from_numpy(np.ascontiguousarray(labels[k]))
+                                       for k in ("train", "valid", "test")),
+                          num_classes=int(max(int(v.max()) for v in labels.values() if v.size)) + 1)
     sample = arrs[0]
     name = os.path.splitext(os.path.basename(path))[0]
     if sample.dtype.kind == "f":
         tensors = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrs]
         return Data(name, "continuous", tuple(sample.shape[1:]), *tensors, source=os.path.abspath(path),
-                    split_seed=split_seed)
+                    split_seed=split_seed, **label_args)
     levels = 256 if sample.dtype == np.uint8 else int(max(a.max() for a in arrs)) + 1
     dtype = np.uint8 if levels <= 256 else np.int32
     tensors = [torch.from_numpy(np.ascontiguousarray(a.astype(dtype))) for a in arrs]
     return Data(name, "discrete", tuple(sample.shape[1:]), *tensors, levels=levels,
-                source=os.path.abspath(path), split_seed=split_seed)
+                source=os.path.abspath(path), split_seed=split_seed, **label_args)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -82,3 +82,23 @@ def assert_compiles_like_reference(loss_fn, inputs, params, *, backend: str = "i
     torch.testing.assert_close(loss_c, loss_r, rtol=rtol, atol=atol)
     for i, (gc, gr) in enumerate(zip(grads_c, grads_r)):
         torch.testing.assert_close(gc, gr, rtol=rtol, atol=atol, msg=lambda m: f"gradient of parameter {i}: {m}")
+
+
+class StopTraining(Exception):
+    """Raised from inside the training loop by :func:`stop_training_at`: a run cut short, like a kill."""
+
+
+def stop_training_at(patch, step: int) -> None:
+    """Make the loss of training step ``step`` (1-based) raise :class:`StopTraining`, through ``patch`` (a
+    ``monkeypatch`` or its ``context()``)."""
+    from fastdensity.training import loop
+
+    forward, calls = loop.Objective.forward, {"n": 0}
+
+    def stopping(self, y, logdet, context=None):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise StopTraining
+        return forward(self, y, logdet, context)
+
+    patch.setattr(loop.Objective, "forward", stopping)

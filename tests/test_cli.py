@@ -222,9 +222,9 @@ def test_non_finite_loss_exits_1_naming_the_step(tmp_path, capsys, monkeypatch):
     forward = loop.Objective.forward
     calls = {"n": 0}
 
-    def poisoned(self, y, logdet):
+    def poisoned(self, y, logdet, context=None):
         calls["n"] += 1
-        out = forward(self, y, logdet)
+        out = forward(self, y, logdet, context)
         return out + float("inf") if calls["n"] == 4 else out
 
     monkeypatch.setattr(loop.Objective, "forward", poisoned)

@@ -19,7 +19,7 @@ from fastdensity.atomic_io import atomic_write
 from fastdensity.models import build_model
 from fastdensity.training import TrainConfig, TrainingDiverged, train
 from fastdensity.training import checkpoint, loop, run_directory
-from helpers import requires_cuda
+from helpers import StopTraining, requires_cuda, stop_training_at
 
 TINY_REALNVP = {"hidden": 8, "num_layers": 2}
 
@@ -124,9 +124,9 @@ def test_training_restores_thread_count(tmp_path, monkeypatch):
     seen = []
     forward = loop.Objective.forward
 
-    def spy(self, y, logdet):
+    def spy(self, y, logdet, context=None):
         seen.append(torch.get_num_threads())
-        return forward(self, y, logdet)
+        return forward(self, y, logdet, context)
 
     monkeypatch.setattr(loop.Objective, "forward", spy)
     train(_config(tmp_path, steps=2, threads=before + 1), progress=False, plots=False)
@@ -197,10 +197,6 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     assert metrics["steps"] == 14 and ftrain.load_checkpoint(str(tmp_path))["step"] == 14
 
 
-class _Stop(Exception):
-    """Raised from inside the loop: a run that stops between checkpoints, like a kill."""
-
-
 def test_adamw_is_chosen_by_name_and_restored_on_resume(tmp_path, monkeypatch):
     settings = dict(steps=14, eval_every=7, checkpoint_every=5, optimizer="adamw")
     full = train(_config(tmp_path / "full", **settings), progress=False, plots=False)
@@ -209,17 +205,9 @@ def test_adamw_is_chosen_by_name_and_restored_on_resume(tmp_path, monkeypatch):
     assert b["optimizer"]["param_groups"][0]["decoupled_weight_decay"] is True
 
     # Stop at step 12 (the last checkpoint is step 10), then resume: the run must rebuild AdamW, not Adam.
-    forward, calls = loop.Objective.forward, {"n": 0}
-
-    def stop_at_12(self, y, logdet):
-        calls["n"] += 1
-        if calls["n"] == 12:
-            raise _Stop
-        return forward(self, y, logdet)
-
     with monkeypatch.context() as patch:
-        patch.setattr(loop.Objective, "forward", stop_at_12)
-        with pytest.raises(_Stop):
+        stop_training_at(patch, 12)
+        with pytest.raises(StopTraining):
             train(_config(tmp_path / "stopped", **settings), progress=False, plots=False)
     assert ftrain.load_checkpoint(str(tmp_path / "stopped"))["step"] == 10
     with pytest.raises(ValueError, match="cannot resume with optimizer 'adam': the checkpoint's run trains with "
@@ -254,9 +242,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     forward = loop.Objective.forward
 
-    def poisoned(self, y, logdet):
+    def poisoned(self, y, logdet, context=None):
         calls["n"] += 1
-        out = forward(self, y, logdet)
+        out = forward(self, y, logdet, context)
         return out * float("nan") if calls["n"] == 13 else out  # the 13th training step's loss
 
     monkeypatch.setattr(loop.Objective, "forward", poisoned)

@@ -33,6 +33,7 @@ from fastdensity import atomic_io, cli
 from fastdensity import data as fdata
 from fastdensity import training as ftrain
 from fastdensity.training import TrainConfig, TrainingDiverged, checkpoint, integrity, loop, run_lock, train
+from helpers import StopTraining, stop_training_at
 
 TINY = {"hidden": 8, "num_layers": 2}
 TINY_ARGS = ["--set", "hidden=8", "--set", "num_layers=2", "--no-progress", "--no-plots"]
@@ -281,20 +282,9 @@ def test_resume_from_the_previous_checkpoint_when_the_latest_is_truncated_is_sti
     settings = dict(steps=10, checkpoint_every=3, eval_every=3)
     full = train(_config(tmp_path / "full", **settings), progress=False, plots=False)
 
-    class Stop(Exception):
-        pass
-
-    forward, calls = loop.Objective.forward, {"n": 0}
-
-    def stop_at_8(self, y, logdet):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise Stop
-        return forward(self, y, logdet)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop.Objective, "forward", stop_at_8)
-        with pytest.raises(Stop):
+        stop_training_at(patch, 8)
+        with pytest.raises(StopTraining):
             train(_config(tmp_path / "cut", **settings), progress=False, plots=False)
     latest = tmp_path / "cut" / "checkpoint.pt"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # the latest (step 6), truncated

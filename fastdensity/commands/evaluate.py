@@ -82,7 +82,17 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, split: str 
     x = {"test": ds.test, "valid": ds.valid, "train": ds.train}[split]
     if seed is None:
         seed = int(ckpt["config"]["seed"]) + training.EVAL_SEED_OFFSET[split]
-    result = training.evaluate(model, x, ds, preprocess, device=dev, seed=seed)
+    labels = None
+    if ckpt["config"].get("conditional"):  # a model of p(x | label): scored given each example's label
+        labels = ds.split_labels(split)
+        classes = training.model_classes(model)
+        if labels is None:
+            raise ValueError(f"the checkpoint's {model.name} is class-conditional; {ds.name} has no labels to score "
+                             "it with")
+        if ds.num_classes > classes:
+            raise ValueError(f"the checkpoint's {model.name} knows {classes} classes; {ds.name} has labels up to "
+                             f"{ds.num_classes - 1}")
+    result = training.evaluate(model, x, ds, preprocess, device=dev, seed=seed, labels=labels)
     out = {"model": model.name, "data": ds.name, "split": split, "nll": result["nll"],
            "nll_stderr": result["nll_stderr"], "bits_per_dim": result["bits_per_dim"],
            "nll_kind": training.nll_kind(model, ds), "examples": result["examples"], "step": int(ckpt["step"]),

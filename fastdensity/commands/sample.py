@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--num-samples", type=int, default=64, help="how many samples")
     parser.add_argument("--out", required=True, metavar="FILE.png|FILE.npy", help="where to write them")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the draw")
+    parser.add_argument("--label", type=int, default=None, metavar="K",
+                        help="class of every sample, for a checkpoint trained with --conditional (default: the "
+                             "samples spread over all classes, class by class)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)")
 
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         path = sample_checkpoint(args.checkpoint, args.num_samples, args.out, seed=args.seed, device=args.device,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, label=args.label)
     except Exception as exc:
         code, message = failure(exc)
         if code is None:
@@ -42,9 +45,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def sample_checkpoint(checkpoint: str, num_samples: int, out: str, *, seed: int = 0, device: str = "auto",
-                      progress: bool = False) -> str:
+                      progress: bool = False, label: int | None = None) -> str:
     """Draw ``num_samples`` from ``checkpoint`` and write them to ``out`` (.png or .npy); returns ``out``.
-    ``progress``: a bar over the sampler's sequential steps on stderr, when that is a terminal."""
+    ``progress``: a bar over the sampler's sequential steps on stderr, when that is a terminal. A
+    class-conditional checkpoint draws every sample of class ``label``, or (None) spreads them over all
+    classes in order."""
     import os
 
     import numpy as np
@@ -63,9 +68,10 @@ def sample_checkpoint(checkpoint: str, num_samples: int, out: str, *, seed: int 
     dev = training.resolve_device(device)
     ckpt = training.load_checkpoint(checkpoint)
     model, preprocess = training.model_from_checkpoint(ckpt, dev)
+    labels = _labels(ckpt, model, num_samples, label)
     torch.manual_seed(seed)
     with _progress_bar(model, num_samples, enabled=progress):
-        samples = training.draw_samples(model, preprocess, num_samples, batch_size=DRAW_BATCH)
+        samples = training.draw_samples(model, preprocess, num_samples, batch_size=DRAW_BATCH, labels=labels)
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     if ext == ".npy":
@@ -78,6 +84,24 @@ def sample_checkpoint(checkpoint: str, num_samples: int, out: str, *, seed: int 
     else:
         training.save_samples_png(samples, out, title=f"{model.name} samples ({ckpt['data']['name']})")
     return out
+
+
+def _labels(ckpt: dict, model, num_samples: int, label: int | None):
+    """The class of each sample for a class-conditional checkpoint (None for an unconditional one)."""
+    import torch
+
+    from fastdensity import training
+
+    if not ckpt["config"].get("conditional"):
+        if label is not None:
+            raise ValueError("--label is for checkpoints trained with --conditional; this one models p(x) alone")
+        return None
+    classes = training.model_classes(model)
+    if label is None:
+        return training.sample_labels(num_samples, classes)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes:
+        raise ValueError(f"--label must be a class in 0..{classes - 1}; got {label!r}")
+    return torch.full((num_samples,), label, dtype=torch.long)
 
 
 def _progress_bar(model, num_samples: int, *, enabled: bool):

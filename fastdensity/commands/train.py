@@ -77,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logit-alpha", type=float, default=None,
                         help="alpha of the logit after dequantization, for continuous models on discrete data; "
                              "0 for no logit (default 0.01)")
+    parser.add_argument("--conditional", action="store_true",
+                        help="train p(x | class label) on data with labels (digits; a .npz with 'labels' beside its "
+                             "array, or 'train_labels', ... beside 'train'); models: tarflow (num_classes), maf and "
+                             "nsf (a one-hot context_features), realnvp and glow on vectors")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: 1 for low-dimensional data, else half the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         # --model and --data only locate the default --out directory; the rest would change the run.
         given = [f"--{n.replace('_', '-')}" for n in ("batch_size", "lr", "seed", "model_args", "grad_clip",
                                                       "warmup_steps", "logit_alpha", "weight_decay")
-                 if getattr(args, n) is not None]
+                 if getattr(args, n) is not None] + (["--conditional"] if args.conditional else [])
         if given:
             print(f"fastdensity train: error: --resume continues with the settings stored in the checkpoint; "
                   f"{', '.join(given)} cannot change (only --steps, --device, --eval-every, --checkpoint-every)",
@@ -111,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     config.threads = args.threads
     config.out = args.out or default_out(model, data)
     config.model_args = dict(args.model_args or [])
+    config.conditional = bool(args.conditional)
     try:
         metrics = train(config, resume=args.resume, progress=not args.no_progress, plots=not args.no_plots)
     except Exception as exc:

@@ -4,6 +4,7 @@
     optimizer.py      the optimizer by name (adam, adamw) and the warm-up + cosine learning rate
     seeds.py          every random stream of a run as a pure function of its seed
     batches.py        the training batch of a step
+    conditioning.py   class-conditional runs (--conditional): the model's option and context for the labels
     device.py         the torch device and CPU threads
     distributed.py    the processes of a torchrun run (DDP)
     model_setup.py    the model as a run starts it, and the data's preprocessing
@@ -21,6 +22,7 @@
 from .batches import Batches
 from .checkpoint import (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, CorruptCheckpoint, load_checkpoint,
                          model_from_checkpoint)
+from .conditioning import label_context, model_classes, sample_labels
 from .config import SEED_LIMIT, TrainConfig, check_settings, model_args_for, resolve_defaults
 from .device import resolve_device
 from .distributed import RankZeroFailed
@@ -37,5 +39,6 @@ __all__ = [
     "OPTIMIZERS", "make_optimizer", "learning_rate", "Batches", "initial_model", "preprocess_for", "resolve_device",
     "evaluate", "check_data_matches", "nll_kind", "EVAL_SEED_OFFSET", "CHECKPOINT_NAME", "PREVIOUS_CHECKPOINT_NAME",
     "CorruptCheckpoint", "load_checkpoint", "model_from_checkpoint", "draw_samples", "save_samples_png",
-    "save_density_png", "standard_json", "OutputFolderInUse", "RunLock", "RankZeroFailed",
+    "save_density_png", "standard_json", "OutputFolderInUse", "RunLock", "RankZeroFailed", "label_context",
+    "model_classes", "sample_labels",
 ]

@@ -8,6 +8,8 @@ draws from a generator seeded by ``(seed, TRAIN_NOISE, s)``.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import data as fdata
@@ -41,9 +43,11 @@ class Batches:
         return torch.cat(out)
 
 
-def training_batch(data: fdata.Data, preprocess: fdata.Preprocess, batches: Batches, step: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global batch of ``step`` in model space (CPU): ``y`` [B, *shape] and the preprocessing's
-    log-Jacobian ``logdet`` [B], with the step's own noise."""
-    x = data.train[batches.indices(step)]
-    return preprocess.encode(x, generator(batches.seed, TRAIN_NOISE, step))
+def training_batch(data: fdata.Data, preprocess: fdata.Preprocess, batches: Batches, step: int,
+                   labels: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The global batch of ``step`` in model space (CPU): ``y`` [B, *shape], the preprocessing's
+    log-Jacobian ``logdet`` [B], with the step's own noise, and (with ``labels``) the examples' class
+    labels [B], else None."""
+    index = batches.indices(step)
+    y, logdet = preprocess.encode(data.train[index], generator(batches.seed, TRAIN_NOISE, step))
+    return y, logdet, (data.split_labels("train")[index] if labels else None)

@@ -13,6 +13,7 @@ from typing import Optional
 
 from .. import data as fdata
 from ..models import MODELS
+from .conditioning import conditioning_option
 from .optimizer import DEFAULT_WEIGHT_DECAY, OPTIMIZERS
 
 __all__ = ["TrainConfig", "resolve_defaults", "check_settings", "SEED_LIMIT", "model_args_for", "config_for_resume"]
@@ -44,6 +45,7 @@ class TrainConfig:
     logit_alpha: Optional[float] = 0.01
     num_samples: Optional[int] = None
     threads: Optional[int] = None
+    conditional: bool = False  # p(x | class label): needs data with labels (digits, a file with labels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +113,8 @@ def check_settings(config: TrainConfig) -> None:
 
     for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "num_samples", "threads"):
         integer(name, 1)
+    if not isinstance(config.conditional, bool):
+        raise ValueError(f"conditional must be True or False; got {config.conditional!r}")
     integer("warmup_steps", 0)
     integer("seed", 0, SEED_LIMIT, "2**63")
     integer("split_seed", 0, SEED_LIMIT, "2**63")
@@ -128,9 +132,10 @@ def check_settings(config: TrainConfig) -> None:
         raise ValueError(f"logit_alpha must be in [0, 0.5) (0: no logit); got {alpha}")
 
 
-def model_args_for(model_name: str, data: fdata.Data, model_args: dict) -> dict:
+def model_args_for(model_name: str, data: fdata.Data, model_args: dict, conditional: bool = False) -> dict:
     """The keyword arguments to build ``model_name`` for ``data``: ``model_args`` plus what the data fixes
-    (``levels`` for discrete models); raises ValueError when the model cannot model this data."""
+    (``levels`` for discrete models; with ``conditional``, the number of classes through the model's
+    conditioning option, :mod:`.conditioning`); raises ValueError when the model cannot model this data."""
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODELS)}")
     cls = MODELS[model_name]
@@ -144,6 +149,17 @@ def model_args_for(model_name: str, data: fdata.Data, model_args: dict) -> dict:
                              f"file); {data.name} is continuous")
         if args.setdefault("levels", data.levels) != data.levels:
             raise ValueError(f"levels={args['levels']} does not match the data's {data.levels} levels")
+    if conditional:
+        if data.labels is None:
+            raise ValueError(f"--conditional trains p(x | class label), and {data.name} has no labels: use digits, or "
+                             "a .npz file with 'labels' (one class per example) beside its array, or 'train_labels' "
+                             "(and 'valid_labels', 'test_labels') beside 'train'")
+        option = conditioning_option(cls)
+        if option is None:
+            able = ", ".join(name for name, c in MODELS.items() if conditioning_option(c) is not None)
+            raise ValueError(f"{model_name} cannot be conditioned on class labels; models that can: {able}")
+        if args.setdefault(option, data.num_classes) != data.num_classes:
+            raise ValueError(f"{option}={args[option]} does not match the data's {data.num_classes} classes")
     return args
 
 

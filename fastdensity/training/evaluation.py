@@ -15,6 +15,7 @@ import torch
 
 from .. import data as fdata
 from ..models import DensityModel
+from .conditioning import label_context
 from .distributed import World
 from .seeds import EVAL_NOISE, generator
 
@@ -31,10 +32,12 @@ def _eval_batch_size(data: fdata.Data) -> int:
 
 @torch.no_grad()
 def evaluate(model: DensityModel, x: torch.Tensor, data: fdata.Data, preprocess: fdata.Preprocess, *,
-             device="cpu", seed: int = 0, world: Optional[World] = None) -> dict:
+             device="cpu", seed: int = 0, world: Optional[World] = None,
+             labels: Optional[torch.Tensor] = None) -> dict:
     """NLL of ``model`` on the examples ``x`` [N, *shape] (a split of ``data``): a dict with ``nll``,
     ``nll_stderr``, ``bits_per_dim``, ``examples`` and, for the 2-D densities, ``kl_gap`` and
-    ``kl_gap_stderr``.
+    ``kl_gap_stderr``. With ``labels`` [N] (a class-conditional model) each example is scored given its
+    label: -log p(x | label).
 
     Dequantization noise is drawn from a generator seeded by ``seed``, so the figure is reproducible.
     Under DDP (``world``) each rank scores its share of ``x`` and the sums are all-reduced.
@@ -54,7 +57,12 @@ def evaluate(model: DensityModel, x: torch.Tensor, data: fdata.Data, preprocess:
         a, b = max(lo - start, 0), min(hi - start, chunk.shape[0])
         if a >= b:
             continue
-        nll = -(model.log_prob(y[a:b].to(device)) + logdet[a:b].to(device)).double().cpu()
+        rows = y[a:b].to(device)
+        if labels is None:  # PixelCNN's and the mixture's log_prob take no context
+            log_prob = model.log_prob(rows)
+        else:
+            log_prob = model.log_prob(rows, label_context(model, labels[start + a:start + b]).to(device))
+        nll = -(log_prob + logdet[a:b].to(device)).double().cpu()
         sums[0] += nll.numel()
         sums[1] += nll.sum()
         sums[2] += nll.pow(2).sum()

@@ -42,6 +42,7 @@ from .. import data as fdata
 from ..atomic_io import DiskFull
 from ..models import DensityModel, stored_model_args
 from .batches import Batches, training_batch
+from .conditioning import label_context
 from .checkpoint import (NonFiniteState, checkpoint_exists, checkpoint_to_resume, restore_training_state,
                          save_checkpoint)
 from .config import TrainConfig, check_settings, config_for_resume, model_args_for, resolve_defaults
@@ -69,8 +70,10 @@ class Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, y: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
-        return -(self.model.log_prob(y) + logdet)
+    def forward(self, y: torch.Tensor, logdet: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # only a conditional run passes a context: PixelCNN's and the mixture's log_prob take none
+        log_prob = self.model.log_prob(y) if context is None else self.model.log_prob(y, context)
+        return -(log_prob + logdet)
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, plots: bool = True) -> dict:
@@ -116,7 +119,8 @@ def _train(config: TrainConfig, *, resume: bool, progress: bool, plots: bool, wo
         data = fdata.load_data(config.data, split_seed=config.split_seed)
         # A resumed run rebuilds the model its checkpoint holds, not today's defaults for its options.
         model_args = model_args_for(config.model, data, config.model_args if ckpt is None else
-                                    stored_model_args(ckpt["model"]["name"], _without_shape(ckpt["model"]["args"])))
+                                    stored_model_args(ckpt["model"]["name"], _without_shape(ckpt["model"]["args"])),
+                                    config.conditional)
         config = resolve_defaults(config, data)
         if run_dir is None:
             run_dir = _open_run_directory(config.out, world, device)
@@ -168,10 +172,11 @@ def _run(config: TrainConfig, ckpt: Optional[dict], data: fdata.Data, model_args
         for step in range(start_step, config.steps):
             lr = learning_rate(step, config)
             set_learning_rate(optimizer, lr)
-            y, logdet = training_batch(data, preprocess, batches, step)
+            y, logdet, labels = training_batch(data, preprocess, batches, step, labels=config.conditional)
             y, logdet = y[shard].to(device), logdet[shard].to(device)
+            context = None if labels is None else label_context(model, labels[shard]).to(device)
 
-            loss = objective(y, logdet).mean()
+            loss = objective(y, logdet, context).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -184,7 +189,8 @@ def _run(config: TrainConfig, ckpt: Optional[dict], data: fdata.Data, model_args
             bar.step(smooth, valid_nll)
             if done % config.eval_every == 0 or done == config.steps:
                 valid = evaluate(model, data.valid, data, preprocess, device=device,
-                                 seed=config.seed + EVAL_SEED_OFFSET["valid"], world=world)
+                                 seed=config.seed + EVAL_SEED_OFFSET["valid"], world=world,
+                                 labels=data.split_labels("valid") if config.conditional else None)
                 valid_nll = valid["nll"]
                 record = {"step": done, "train_nll": smooth, "valid_nll": valid_nll,
                           "valid_bits_per_dim": valid["bits_per_dim"], "lr": lr,
@@ -202,7 +208,7 @@ def _run(config: TrainConfig, ckpt: Optional[dict], data: fdata.Data, model_args
 
     # The test score, the metrics and the pictures.
     test = evaluate(model, data.test, data, preprocess, device=device, seed=config.seed + EVAL_SEED_OFFSET["test"],
-                    world=world)
+                    world=world, labels=data.split_labels("test") if config.conditional else None)
     metrics = run_metrics(config, model, data, test, valid_nll, seconds, device, world)
     world.on_main(f"writing {run_dir.metrics}", lambda: run_dir.write_metrics(metrics), device)
     log(summary(metrics), world)

@@ -14,6 +14,7 @@ import torch
 from .. import data as fdata
 from ..atomic_io import format_bytes
 from ..models import DensityModel, build_model
+from .conditioning import label_context
 from .config import TrainConfig
 from .seeds import INIT_BATCH, INIT_NOISE, generator
 
@@ -48,7 +49,11 @@ def initial_model(config: TrainConfig, data: fdata.Data, model_args: dict, devic
         index = torch.randperm(data.train.shape[0], generator=generator(config.seed, INIT_BATCH))
         index = index[:max(config.batch_size, 1024)]
         y0, _ = preprocess.encode(data.train[index], generator(config.seed, INIT_NOISE))
-        model.initialize(y0.to(device))
+        if config.conditional:
+            context = label_context(model, data.split_labels("train")[index])
+            model.initialize(y0.to(device), context.to(device))
+        else:
+            model.initialize(y0.to(device))
     return model.train(), preprocess
 
 

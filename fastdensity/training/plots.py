@@ -13,6 +13,7 @@ import torch
 from .. import data as fdata
 from ..atomic_io import atomic_write
 from ..models import DensityModel
+from .conditioning import label_context, sample_labels
 from .config import TrainConfig
 from .seeds import SAMPLES, mix_seed
 
@@ -24,14 +25,23 @@ DENSITY_NAME = "density.png"
 
 
 @torch.no_grad()
-def draw_samples(model: DensityModel, preprocess: fdata.Preprocess, n: int, batch_size: int = 4096) -> torch.Tensor:
+def draw_samples(model: DensityModel, preprocess: fdata.Preprocess, n: int, batch_size: int = 4096,
+                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``n`` samples [n, *shape] in data space (CPU): decoded through the preprocessing (levels for
-    discrete data). Draws from the global RNG, in batches of ``batch_size``."""
+    discrete data). Draws from the global RNG, in batches of ``batch_size``. A class-conditional model
+    takes ``labels`` [n]: sample i is drawn given class ``labels[i]``."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     parts = []
     for start in range(0, n, batch_size):
-        parts.append(preprocess.decode(model.sample(min(batch_size, n - start))).cpu())
+        size = min(batch_size, n - start)
+        if labels is None:
+            drawn = model.sample(size)
+        else:  # one sample per label: [size, 1, *shape] -> [size, *shape]
+            context = label_context(model, labels[start:start + size]).to(device)
+            drawn = model.sample(1, context=context).squeeze(1)
+        parts.append(preprocess.decode(drawn).cpu())
     model.train(was_training)
     return torch.cat(parts) if parts else torch.empty(0)
 
@@ -48,8 +58,10 @@ def write_run_plots(model: DensityModel, data: fdata.Data, preprocess: fdata.Pre
     # The draw is seeded, and the global RNG streams (CPU and the model's GPU) are restored after it.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(mix_seed(config.seed, SAMPLES))
-        samples = draw_samples(model, preprocess, config.num_samples)
-    save_samples_png(samples, os.path.join(out, SAMPLES_NAME), title=f"{config.model} samples ({data.name})")
+        labels = sample_labels(config.num_samples, data.num_classes) if config.conditional else None
+        samples = draw_samples(model, preprocess, config.num_samples, labels=labels)
+    title = f"{config.model} samples ({data.name}{', class by class' if config.conditional else ''})"
+    save_samples_png(samples, os.path.join(out, SAMPLES_NAME), title=title)
     written = [SAMPLES_NAME]
     if data.density is not None or (not data.is_image and data.dim == 2):
         save_density_png(model, data, os.path.join(out, DENSITY_NAME), title=config.model)

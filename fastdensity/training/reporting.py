@@ -49,6 +49,8 @@ def run_header(config: TrainConfig, model: DensityModel, data: fdata.Data, devic
             f"({data.kind}, shape {list(data.shape)}, {data.train.shape[0]:,} train / {data.valid.shape[0]:,} valid / "
             f"{data.test.shape[0]:,} test), {config.steps} steps of {config.batch_size} on {where}"
             + (f", resuming at step {start_step}" if start_step else ""))
+    if config.conditional:
+        line += f"\n  class-conditional: p(x | label) over {data.num_classes} classes"
     true = data.true_nll()
     if true is not None:
         line += f"\n  true NLL (entropy of {data.name}): {true[0]:.4f} +- {true[1]:.4f} nats"
