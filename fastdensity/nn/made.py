@@ -281,10 +281,7 @@ class MADE(nn.Module):
                 h = block(h, context)
             return self.output_layer(h)
 
-        if self.context_layer is None:
-            terms = [None] * len(self._context_widths)
-        else:
-            terms = list(self.context_layer(context).split(self._context_widths, dim=-1))
+        terms = self.context_terms(context)
         h = self.activation(_add(self.input_layer(inputs), terms[0]))
         for i, (layer, term) in enumerate(zip(self.hidden_layers, terms[1:-1])):
             norm = None if self.batch_norms is None else self.batch_norms[i]
@@ -292,6 +289,13 @@ class MADE(nn.Module):
             if self.dropout is not None:
                 h = self.dropout(h)
         return _add(self.output_layer(h), terms[-1])
+
+    def context_terms(self, context: torch.Tensor | None) -> list:
+        """The plain structure's context contributions U_l c: one [..., width] term per layer and one for
+        the output, each None when the MADE takes no context (the incremental sampler reads them too)."""
+        if self.context_layer is None:
+            return [None] * len(self._context_widths)
+        return list(self.context_layer(context).split(self._context_widths, dim=-1))
 
     def extra_repr(self) -> str:
         return (f"features={self.features}, hidden_features={self.hidden_features}, num_blocks={self.num_blocks}, "

@@ -103,18 +103,6 @@ class _ResidualBlockView:
         self.batch_norm_layers = getattr(block, "batch_norm_layers", None) if block.use_batch_norm else None
 
 
-class _PlainContext:
-    """nflows' plain MADE adds ``activation(U c)`` to the first layer only (before its activation); as the
-    per-layer context terms :mod:`fastdensity.sampling.made_incremental` reads: that term, then zeros."""
-
-    def __init__(self, net: made.MADE, widths: list[int]):
-        self.net, self.widths = net, widths
-
-    def __call__(self, context: torch.Tensor) -> torch.Tensor:
-        first = self.net.activation(self.net.context_layer(context))
-        return torch.cat([first, first.new_zeros(first.shape[0], sum(self.widths[1:]))], dim=1)
-
-
 class NflowsMADEView:
     """nflows' ``MADE`` presented with the attributes of :class:`fastdensity.nn.MADE` that the incremental
     inverse reads (:func:`fastdensity.sampling.incremental_made_inverse`), over the same parameters (no
@@ -136,16 +124,19 @@ class NflowsMADEView:
         blocks = list(net.blocks)
         self.hidden_degrees = torch.stack([first.degrees, *(block.degrees for block in blocks)])
         self.num_blocks = len(blocks)
+        self.context_layer = getattr(net, "context_layer", None)
         if self.use_residual_blocks:
             self.blocks = [_ResidualBlockView(block) for block in blocks]
-            self.context_layer = getattr(net, "context_layer", None)
         else:
             self.hidden_layers = [_MaskedLayerView(block.linear) for block in blocks]
             norms = [block.batch_norm for block in blocks]
             self.batch_norms = norms if any(n is not None for n in norms) else None
-            self._context_widths = [self.hidden_features] * (1 + len(blocks)) + [net.final_layer.out_features]
-            self.context_layer = (_PlainContext(net, self._context_widths) if hasattr(net, "context_layer")
-                                  else None)
+
+    def context_terms(self, context):
+        """The plain structure's per-layer context terms: nflows adds ``activation(U c)`` to the first layer
+        only (before its activation), nothing to the others or the output."""
+        first = None if self.context_layer is None else self.activation(self.context_layer(context))
+        return [first] + [None] * (self.num_blocks + 1)
 
     @property
     def training(self) -> bool:

@@ -40,6 +40,7 @@ from zuko.transforms import AutoregressiveTransform, MonotonicAffineTransform, M
 from zuko.utils import broadcast
 
 from .. import backend, ops
+from ..reference.masked_linear import masked_weight
 from ..sampling.made_incremental import incremental_made_inverse, needs_graph
 from ..sampling.made_incremental import incremental_unsupported as made_unsupported
 
@@ -229,14 +230,14 @@ class ZukoMADEView:
         for layer in self.hidden_layers:
             degrees += ((layer.mask.long() * degrees[-1][None, :]).amax(dim=1),)
         self.hidden_degrees = list(degrees)
-        self._context_widths = [layer.out_features for layer in linears]
         context = _LayerView(linears[0], slice(D, None))
-        self.context_layer = None if context.weight.shape[1] == 0 else functools.partial(self._context, context)
+        self._context = None if context.weight.shape[1] == 0 else context
 
-    def _context(self, layer: _LayerView, c: torch.Tensor) -> torch.Tensor:
-        """Per-layer context terms, concatenated: ``W0[:, D:] c`` for the first layer, zeros after."""
-        first = F.linear(c, torch.where(layer.mask, layer.weight, torch.zeros_like(layer.weight)))
-        return torch.cat([first, first.new_zeros(first.shape[0], sum(self._context_widths[1:]))], dim=1)
+    def context_terms(self, c):
+        """The per-layer context terms: ``W0[:, D:] c`` for the first layer, nothing for the others or the
+        output (zuko's context is extra input columns)."""
+        first = None if self._context is None else F.linear(c, masked_weight(self._context.weight, self._context.mask))
+        return [first] + [None] * (self.num_blocks + 1)
 
     @property
     def training(self) -> bool:
@@ -264,15 +265,19 @@ def incremental_unsupported(transform: MaskedAutoregressiveTransform) -> Optiona
 class _IncrementalAutoregressiveTransform(AutoregressiveTransform):
     """zuko's ``AutoregressiveTransform`` whose inverse computes each hidden unit of the hyper network once
     (one network's work in D small steps) instead of D full passes, where no autograd graph is needed
-    (zuko's ``sample`` runs under ``no_grad``); elsewhere zuko's passes, as before."""
+    (zuko's ``sample`` runs under ``no_grad``) and the transform is one it reads
+    (:func:`incremental_unsupported`); elsewhere zuko's passes, as before."""
 
     def __init__(self, lazy: "FusedMaskedAutoregressiveTransform", context: Optional[torch.Tensor]):
         super().__init__(functools.partial(lazy.meta, context), lazy.passes)
         self.lazy, self.context = lazy, context
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        # Checked here, not when the transform is built: building it is on every log_prob's path.
+        if needs_graph(self.lazy, (y, self.context)) or y.dim() == 0 or incremental_unsupported(self.lazy):
+            return super()._inverse(y)
         made = ZukoMADEView(self.lazy)
-        if needs_graph(self.lazy, (y, self.context)) or y.dim() == 0 or made_unsupported(made) is not None:
+        if made_unsupported(made) is not None:
             return super()._inverse(y)
         D, shape, context = y.shape[-1], y.shape, None
         if self.context is not None:  # zuko broadcasts the context against y's batch dims
@@ -291,8 +296,6 @@ class FusedMaskedAutoregressiveTransform(_FusedMeta, MaskedAutoregressiveTransfo
     fused_ops = _FusedMeta.fused_ops + "; incremental inverse"
 
     def forward(self, c: Optional[torch.Tensor] = None) -> Transform:
-        if incremental_unsupported(self) is not None:
-            return super().forward(c)
         return _IncrementalAutoregressiveTransform(self, c)
 
 

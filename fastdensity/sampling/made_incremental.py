@@ -49,6 +49,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from ..reference.masked_linear import masked_weight
 from .progress import tick
 
 __all__ = ["MADE_METHODS", "incremental_unsupported", "incremental_made_inverse", "affine_autoregressive_inverse",
@@ -68,8 +69,7 @@ Solve = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 def _masked(layer) -> torch.Tensor:
     """``where(mask, weight, 0)``: dead weights are never read (they may hold anything, as in the op)."""
-    return torch.where(layer.mask, layer.weight, torch.zeros((), dtype=layer.weight.dtype,
-                                                             device=layer.weight.device))
+    return masked_weight(layer.weight, layer.mask)
 
 
 def _bias(layer) -> torch.Tensor:
@@ -172,7 +172,7 @@ def incremental_made_inverse(made, z: torch.Tensor, context: Optional[torch.Tens
     if made.use_residual_blocks:
         degrees, run_hidden = _residual_layers(made, context, order, B)
     else:
-        terms = _context_terms(made, context) if made.context_layer is not None else None
+        terms = made.context_terms(context)
         degrees, run_hidden = _plain_layers(made, terms, order, B)
     out_layer = made.output_layer
     out_weight = _masked(out_layer)[:, degrees[-1].perm]
@@ -181,7 +181,7 @@ def incremental_made_inverse(made, z: torch.Tensor, context: Optional[torch.Tens
     out_prefix = degrees[-1].prefix_of(made.ordering.repeat_interleave(m).to(z.device))
     _check_within(out_layer.mask[:, degrees[-1].perm], out_prefix, "output layer")
     out_offset = _bias(out_layer)
-    if terms is not None:
+    if terms is not None and terms[-1] is not None:
         out_offset = out_offset + terms[-1].t()
     out_prefix = out_prefix.tolist()
 
@@ -198,14 +198,9 @@ def incremental_made_inverse(made, z: torch.Tensor, context: Optional[torch.Tens
     return x, params.t().reshape(B, D, m)
 
 
-def _context_terms(made, context):
-    """The plain MADE's context contributions, one [B, width] per layer and the output."""
-    return made.context_layer(context).split(made._context_widths, dim=-1)
-
-
 def _plain_layers(made, terms, order, batch):
     """Degrees and the per-step function of the plain structure: h_l = a(W_l bn(h_(l-1)) + b_l + U_l c)
-    (``terms``: the context's contributions, or None)."""
+    (``terms``: the context's contribution to each layer and the output, None where there is none)."""
     D, activation = made.features, made.activation
     linears = [made.input_layer, *made.hidden_layers]
     degrees = [_Degrees(deg, D) for deg in made.hidden_degrees]
@@ -221,7 +216,7 @@ def _plain_layers(made, terms, order, batch):
         mask = linear.mask[deg.perm][:, order if l == 0 else degrees[l - 1].perm]
         _check_within(mask, prefix, f"layer {l}")
         offset = _bias(linear)[deg.perm]
-        if terms is not None:
+        if terms[l] is not None:
             offset = offset + terms[l][:, deg.perm].t()
         weights.append(weight)
         offsets.append(offset)
@@ -320,27 +315,31 @@ def _affine_solver(transform, z: torch.Tensor) -> Solve:
     return solve
 
 
-def affine_autoregressive_inverse(transform, z: torch.Tensor, context: Optional[torch.Tensor] = None):
+def affine_autoregressive_inverse(transform, z: torch.Tensor, context: Optional[torch.Tensor] = None, made=None):
     """``(x, logabsdet)`` of a MAF transform (:class:`~fastdensity.nn.MaskedAffineAutoregressive` or nflows'
-    layout, :class:`~fastdensity.nn.MaskedAffineAutoregressiveTransform`), each MADE unit computed once."""
+    layout, :class:`~fastdensity.nn.MaskedAffineAutoregressiveTransform`), each MADE unit computed once;
+    ``made``: the transform's MADE as :func:`_made_of` gives it, when the caller has it already."""
     from ..nn.autoregressive import affine_step
 
-    _, params = incremental_made_inverse(_made_of(transform), z, context, _affine_solver(transform, z))
+    made = _made_of(transform) if made is None else made
+    _, params = incremental_made_inverse(made, z, context, _affine_solver(transform, z))
     # The elementwise inverse and the log-det once more on all parameters: the naive last pass's call.
     params = params.contiguous()
     return affine_step(z, params[:, :, transform.shift_index], params[:, :, transform.scale_index],
                        transform.scale, inverse=True)
 
 
-def spline_autoregressive_inverse(transform, z: torch.Tensor, context: Optional[torch.Tensor] = None):
+def spline_autoregressive_inverse(transform, z: torch.Tensor, context: Optional[torch.Tensor] = None, made=None):
     """``(x, logabsdet)`` of a :class:`~fastdensity.nn.MaskedPiecewiseRationalQuadraticAutoregressive`,
-    each MADE unit computed once (the per-feature spline inverse is the transform's own call)."""
+    each MADE unit computed once (the per-feature spline inverse is the transform's own call); ``made`` as
+    for :func:`affine_autoregressive_inverse`."""
 
     def solve(d: int, p: torch.Tensor, out: torch.Tensor) -> None:
         x, _ = transform._spline_from(z[:, d:d + 1], p.t().unsqueeze(1), inverse=True)
         out.copy_(x[:, 0])
 
-    _, params = incremental_made_inverse(_made_of(transform), z, context, solve)
+    made = _made_of(transform) if made is None else made
+    _, params = incremental_made_inverse(made, z, context, solve)
     return transform._spline_from(z, params.contiguous(), inverse=True)
 
 
@@ -354,14 +353,13 @@ def _made_of(transform):
     return transform.made if hasattr(transform, "made") else transform.autoregressive_net
 
 
-def _made_and_inverse(transform):
-    """``(made, incremental inverse)`` of a MADE-based transform, or ``(None, None)``."""
-    has_made = hasattr(transform, "made") or hasattr(transform, "autoregressive_net")
-    if has_made and hasattr(transform, "shift_index"):
-        return _made_of(transform), affine_autoregressive_inverse
-    if has_made and hasattr(transform, "_spline_from"):
-        return _made_of(transform), spline_autoregressive_inverse
-    return None, None
+def _incremental_of(transform):
+    """The incremental inverse of a MADE-based transform, or None for any other module."""
+    if not (hasattr(transform, "made") or hasattr(transform, "autoregressive_net")):
+        return None
+    if hasattr(transform, "shift_index"):
+        return affine_autoregressive_inverse
+    return spline_autoregressive_inverse if hasattr(transform, "_spline_from") else None
 
 
 def needs_graph(transform, tensors) -> bool:
@@ -379,13 +377,14 @@ def autoregressive_inverse(transform, inputs: torch.Tensor, context: Optional[to
     (:func:`incremental_unsupported`); ``naive(inputs, context)`` (the D passes) otherwise.
 
     This is the hook a transform's ``inverse`` calls (after checking its arguments)."""
-    made, incremental = _made_and_inverse(transform)
-    if made is None:
+    incremental = _incremental_of(transform)
+    if incremental is None:
         raise TypeError(f"{type(transform).__name__} is not a MADE-based transform")
     method = getattr(transform, "inverse_method", MADE_METHODS[0])
-    if method == "incremental" and not needs_graph(transform, (inputs, context)) \
-            and incremental_unsupported(made) is None:
-        return incremental(transform, inputs, context)
+    if method == "incremental" and not needs_graph(transform, (inputs, context)):
+        made = _made_of(transform)
+        if incremental_unsupported(made) is None:
+            return incremental(transform, inputs, context, made)
     return naive(inputs, context)
 
 
@@ -401,7 +400,7 @@ def autoregressive_method(module: torch.nn.Module, method: str) -> Iterator[None
     _check_method(method)
     saved = []
     for transform in module.modules():
-        if _made_and_inverse(transform)[0] is not None:
+        if _incremental_of(transform) is not None:
             saved.append((transform, transform.__dict__.get("inverse_method")))
             transform.inverse_method = method
     try:
