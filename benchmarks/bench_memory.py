@@ -36,34 +36,34 @@ import torch
 from torch import nn
 
 from .harness import Case, Provider, Runner, Settings, randn
+from .measure import peak_memory_mb
 
 OP = "memory"
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def _half_mask(channels: int) -> torch.Tensor:
-    mask = torch.zeros(channels, dtype=torch.int64)
-    mask[channels // 2:] = 1
-    return mask
 
 
 class _Stack(nn.Module):
-    """A CompositeTransform of Glow steps under a standard-normal base: ``log_prob(x) -> [B]``."""
+    """A CompositeTransform of Glow steps on examples of ``shape`` = [C, H, W] under a standard-normal
+    base: ``log_prob(x) -> [B]``."""
 
-    def __init__(self, channels: int, steps: int, hidden: int):
+    def __init__(self, shape, steps: int, hidden: int):
         super().__init__()
+        self.shape = tuple(shape)
+        channels = self.shape[0]
         from fastdensity import nn as fnn
+        from fastdensity.distributions import StandardNormal
         from fastdensity.models.base import ConvNet
+        from fastdensity.models.realnvp import channel_mask
 
         layers = []
         for _ in range(steps):
             layers += [fnn.ActNorm(channels), fnn.InvConv1x1(channels),
-                       fnn.AffineCoupling(_half_mask(channels), lambda i, o: ConvNet(i, o, hidden, 1))]
+                       fnn.AffineCoupling(channel_mask(channels, 0), lambda i, o: ConvNet(i, o, hidden, 1))]
         self.flow = fnn.CompositeTransform(layers)
+        self.base = StandardNormal(self.shape)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         z, logdet = self.flow(x)
-        return -0.5 * z.pow(2).flatten(1).sum(1) - HALF_LOG_2PI * z[0].numel() + logdet
+        return self.base.log_prob(z) + logdet
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -73,7 +73,7 @@ class _Stack(nn.Module):
 
 def _build(kind: str, shape, config: dict) -> nn.Module:
     if kind == "stack":
-        return _Stack(shape[0], config["steps"], config["hidden"])
+        return _Stack(shape, config["steps"], config["hidden"])
     from fastdensity.models import build_model
 
     return build_model(kind, shape, **config)
@@ -174,17 +174,11 @@ def step_peak_bytes(model: nn.Module, batch: int, device: torch.device) -> float
     x = torch.randn(batch, *shape, device=device)
     for p in model.parameters():  # the gradients' memory is the model's, allocated before the step
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
     try:
-        (-model.log_prob(x).mean()).backward()
-        torch.cuda.synchronize(device)
+        peak = peak_memory_mb(lambda: (-model.log_prob(x).mean()).backward(), device) * 2**20
     except torch.OutOfMemoryError:
-        return math.inf
-    finally:
-        del x
-    peak = torch.cuda.max_memory_allocated(device) - base
+        peak = math.inf
+    x = None  # the batch is freed before the cache is emptied
     torch.cuda.empty_cache()
     return peak
 

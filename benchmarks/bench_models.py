@@ -42,12 +42,10 @@ weights. Sizes:
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from .harness import Case, Provider, Runner, Settings, op_providers, peer, randn
+from .harness import Case, Runner, Settings, op_providers, peer_pair, randn
 
 OP = "models"
 SPLINE_BOUND = 5.0  # zuko's default; nflows and ours are given the same
@@ -127,33 +125,6 @@ def _peer_runner(settings: Settings, flow: nn.Module, log_prob) -> Runner:
     return Runner(lambda x: -log_prob(flow, x).mean(), wrt=lambda inputs: params)
 
 
-def _peer_pair(library: str, settings: Settings, make_flow, log_prob) -> list[Provider]:
-    """The peer library's provider and its accelerated twin, ``fastdensity.accelerate[<library>]``: one
-    flow, built once (seeded) when the first of the two is built; the twin times a deep copy of it after
-    ``fastdensity.accelerate``, so both start from the same weights (a step changes none: no optimizer)."""
-    state: dict = {}
-
-    def flow():
-        if "flow" not in state:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                state["flow"] = make_flow()
-        return state["flow"]
-
-    def accelerated():
-        import fastdensity
-
-        model = copy.deepcopy(flow())
-        report = fastdensity.accelerate(model)
-        if not report.replaced:
-            raise RuntimeError(f"fastdensity.accelerate replaced nothing in the {library} flow:\n{report}")
-        return _peer_runner(settings, model, log_prob)
-
-    twin = peer(f"fastdensity.accelerate[{library}]", library, accelerated)
-    twin.backend = "auto"  # the kernels on a GPU, the reference on a CPU: what the user's model gets
-    return [peer(library, library, lambda: _peer_runner(settings, flow(), log_prob)), twin]
-
-
 def _zuko(settings, kind: str, d: int, layers: int, hidden: int, bins: int = 8, accelerated: bool = False):
     def make_flow():
         import zuko
@@ -163,7 +134,8 @@ def _zuko(settings, kind: str, d: int, layers: int, hidden: int, bins: int = 8, 
         cls = zuko.flows.RealNVP if kind == "realnvp" else zuko.flows.MAF
         return cls(d, transforms=layers, hidden_features=(hidden, hidden))
 
-    pair = _peer_pair("zuko", settings, make_flow, lambda f, x: f().log_prob(x))
+    pair = peer_pair("zuko", make_flow, lambda flow: _peer_runner(settings, flow, lambda f, x: f().log_prob(x)),
+                     twin_backend="auto")
     return pair if accelerated else pair[:1]
 
 
@@ -192,7 +164,8 @@ def _nflows(settings, kind: str, d: int, layers: int, hidden: int, bins: int = 8
                     transforms.append(ReversePermutation(d))
         return Flow(CompositeTransform(transforms), StandardNormal([d]))
 
-    pair = _peer_pair("nflows", settings, make_flow, lambda f, x: f.log_prob(x))
+    pair = peer_pair("nflows", make_flow, lambda flow: _peer_runner(settings, flow, lambda f, x: f.log_prob(x)),
+                     twin_backend="auto")
     return pair if accelerated else pair[:1]
 
 

@@ -44,7 +44,7 @@ import copy
 
 import torch
 
-from .cases import Case, Provider, Runner, Settings, peer
+from .cases import Case, Provider, Runner, Settings, peer_pair
 
 OP_PIXELCNN, OP_MAF = "sample_pixelcnn", "sample_maf"
 
@@ -140,42 +140,29 @@ def _maf_case(settings: Settings, d: int, layers: int, hidden: int, batch: int) 
                 made.forward = torch.compile(made.forward, dynamic=False)
         return m
 
-    def nflows_build(accelerated: bool = False):
+    def nflows_flow():
         from nflows.distributions.normal import StandardNormal
         from nflows.flows.base import Flow
         from nflows.transforms import CompositeTransform
         from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
         from nflows.transforms.permutations import ReversePermutation
 
-        torch.manual_seed(0)
         transforms = []
         for k in range(layers):
             transforms.append(MaskedAffineAutoregressiveTransform(d, hidden, num_blocks=1, use_residual_blocks=False))
             if k < layers - 1:
                 transforms.append(ReversePermutation(d))
-        flow = Flow(CompositeTransform(transforms), StandardNormal([d])).to(settings.device).eval()
-        if accelerated:
-            import fastdensity
+        return Flow(CompositeTransform(transforms), StandardNormal([d])).to(settings.device).eval()
 
-            fastdensity.accelerate(flow)
-        return Runner(lambda _token: _no_grad(lambda: flow.sample(batch)))
-
-    def zuko_build(accelerated: bool = False):
+    def zuko_flow():
         import zuko
 
-        torch.manual_seed(0)
-        flow = zuko.flows.MAF(d, transforms=layers, hidden_features=(hidden, hidden)).to(settings.device).eval()
-        if accelerated:
-            import fastdensity
-
-            fastdensity.accelerate(flow)
-        return Runner(lambda _token: _no_grad(lambda: flow().sample((batch,))))
+        return zuko.flows.MAF(d, transforms=layers, hidden_features=(hidden, hidden)).to(settings.device).eval()
 
     providers = _providers(build, sample("incremental"), sample("naive"), compile_mades)
-    providers += [peer("nflows", "nflows", nflows_build),
-                  peer("fastdensity.accelerate[nflows]", "nflows", lambda: nflows_build(accelerated=True)),
-                  peer("zuko", "zuko", zuko_build),
-                  peer("fastdensity.accelerate[zuko]", "zuko", lambda: zuko_build(accelerated=True))]
+    # the peers sample as they do (D passes), their accelerated twins incrementally; all under no_grad
+    providers += peer_pair("nflows", nflows_flow, lambda f: Runner(lambda _token: _no_grad(lambda: f.sample(batch))))
+    providers += peer_pair("zuko", zuko_flow, lambda f: Runner(lambda _token: _no_grad(lambda: f().sample((batch,)))))
     return Case(
         op=OP_MAF,
         shape=f"D={d} L={layers} H={hidden} B={batch}",

@@ -32,7 +32,7 @@ import torch
 
 __all__ = [
     "MODES", "Unavailable", "Runner", "Provider", "Case", "Settings", "traffic", "element_size", "randn",
-    "dtype_name", "op_unavailable", "op_providers", "compiled", "peer", "backend_context",
+    "dtype_name", "op_unavailable", "op_providers", "compiled", "peer", "peer_pair", "backend_context",
 ]
 
 MODES = ("forward", "backward", "forward+backward")
@@ -230,3 +230,35 @@ def peer(name: str, module: str, build: Callable[[], Runner]) -> Provider:
         return build()
 
     return Provider(name, checked)
+
+
+def peer_pair(library: str, make_flow: Callable[[], Any], runner: Callable[[Any], Runner], *,
+              twin_backend: str | None = None) -> list[Provider]:
+    """The peer library's provider and its accelerated twin, ``fastdensity.accelerate[<library>]``, timing
+    ``runner(flow)``: one flow, built once (seeded 0, the global RNG restored after) when the first of the
+    two is built; the twin times a deep copy of it after ``fastdensity.accelerate`` (an error when that
+    replaces nothing), so both start from the same weights. ``twin_backend``: the twin's fastdensity
+    backend (None: the run's)."""
+    import copy
+
+    state: dict = {}
+
+    def flow():
+        if "flow" not in state:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                state["flow"] = make_flow()
+        return state["flow"]
+
+    def accelerated():
+        import fastdensity
+
+        model = copy.deepcopy(flow())
+        report = fastdensity.accelerate(model)
+        if not report.replaced:
+            raise RuntimeError(f"fastdensity.accelerate replaced nothing in the {library} flow:\n{report}")
+        return runner(model)
+
+    twin = peer(f"fastdensity.accelerate[{library}]", library, accelerated)
+    twin.backend = twin_backend
+    return [peer(library, library, lambda: runner(flow())), twin]

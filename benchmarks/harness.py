@@ -15,7 +15,7 @@ shows what it yields. New code may import from those modules directly.
 from __future__ import annotations
 
 from .cases import (MODES, Case, Provider, Runner, Settings, Unavailable, backend_context, compiled, dtype_name,
-                    element_size, op_providers, op_unavailable, peer, randn, traffic)
+                    element_size, op_providers, op_unavailable, peer, peer_pair, randn, traffic)
 from .measure import (MAX_GRAPHS, CpuTimer, CudaTimer, Measurement, Skip, Timing, check_inputs, copy_bandwidth,
                       input_sets, last_level_cache_bytes, make_call, make_timer, percentile, rotation_count,
                       timing_from_samples)
@@ -27,6 +27,6 @@ __all__ = [
     "MODES", "COMPILE_SHARE", "MAX_GRAPHS", "CSV_COLUMNS", "Unavailable", "Runner", "Provider", "Case", "Settings",
     "Timing", "Measurement", "Skip", "CudaTimer", "CpuTimer", "percentile", "timing_from_samples", "rotation_count",
     "check_inputs", "make_timer", "copy_bandwidth", "device_name", "device_slug", "last_level_cache_bytes",
-    "run_metadata", "measurement_row", "ResultsWriter", "read_rows", "op_providers", "compiled", "peer",
+    "run_metadata", "measurement_row", "ResultsWriter", "read_rows", "op_providers", "compiled", "peer", "peer_pair",
     "element_size", "randn", "dtype_name", "op_unavailable", "traffic", "input_sets", "make_call", "backend_context",
 ]

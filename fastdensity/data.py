@@ -421,8 +421,9 @@ def load_data(source: str, *, split_seed: int = 0) -> Data:
                      ".npy/.npz file")
 
 
-def _split(x: torch.Tensor, seed: int, fractions=(0.8, 0.1, 0.1)) -> tuple[torch.Tensor, ...]:
-    """A random partition of the rows of ``x`` (seeded) into ``len(fractions)`` parts.
+def _split(x: torch.Tensor, seed: int, fractions=(0.8, 0.1, 0.1), labels: Optional[torch.Tensor] = None):
+    """A random partition of the rows of ``x`` (seeded) into ``len(fractions)`` parts; with ``labels`` (one
+    per row), ``(parts of x, parts of labels)``, both cut by the same permutation.
 
     Every part after the first gets ``round(f * N)`` rows but at least one; the first gets the rest.
     """
@@ -432,7 +433,9 @@ def _split(x: torch.Tensor, seed: int, fractions=(0.8, 0.1, 0.1)) -> tuple[torch
     if n - sum(rest) < 1:
         raise ValueError(f"data has {n} examples; need at least {len(fractions)} to form "
                          f"{'/'.join(('train', 'validation', 'test')[:len(fractions)])} splits")
-    return tuple(x[i] for i in perm.split([n - sum(rest), *rest]))
+    index = perm.split([n - sum(rest), *rest])
+    parts = tuple(x[i] for i in index)
+    return parts if labels is None else (parts, tuple(labels[i] for i in index))
 
 
 def _digits(split_seed: int) -> Data:
@@ -443,8 +446,7 @@ def _digits(split_seed: int) -> Data:
                           "(or pip install scikit-learn)") from exc
     digits = load_digits()
     x = torch.from_numpy(digits.images.astype(np.uint8)).unsqueeze(1)  # [1797, 1, 8, 8], integers 0..16
-    train, valid, test = _split(x, split_seed)
-    labels = _split(torch.from_numpy(digits.target.astype(np.int64)), split_seed)  # the same permutation
+    (train, valid, test), labels = _split(x, split_seed, labels=torch.from_numpy(digits.target.astype(np.int64)))
     return Data("digits", "discrete", (1, 8, 8), train, valid, test, levels=17, source="digits",
                 split_seed=split_seed, labels=labels, num_classes=10)
 
@@ -558,13 +560,13 @@ def _from_file(path: str, split_seed: int) -> Data:
             # Carve only the missing split(s) out of train: 80/10/10 as for a single array when both are
             # missing, 90/10 when one is (no rows of train are dropped).
             fractions = (0.8, 0.1, 0.1) if len(missing) == 2 else (0.9, 0.1)
-            pieces = _split(torch.from_numpy(np.ascontiguousarray(parts["train"])), split_seed, fractions)
-            parts["train"] = pieces[0].numpy()
-            parts.update((k, piece.numpy()) for k, piece in zip(missing, pieces[1:]))
-            if labels is not None:  # the same seeded permutation carves the labels
-                pieces = _split(torch.from_numpy(labels["train"]), split_seed, fractions)
-                labels["train"] = pieces[0].numpy()
-                labels.update((k, piece.numpy()) for k, piece in zip(missing, pieces[1:]))
+            train = torch.from_numpy(np.ascontiguousarray(parts["train"]))
+            if labels is None:
+                pieces = _split(train, split_seed, fractions)
+            else:
+                pieces, label_pieces = _split(train, split_seed, fractions, torch.from_numpy(labels["train"]))
+                labels.update(zip(["train", *missing], (piece.numpy() for piece in label_pieces)))
+            parts.update(zip(["train", *missing], (piece.numpy() for piece in pieces)))
         arrs = [parts["train"], parts["valid"], parts["test"]]
     else:
         data_keys = [k for k in arrays if k != "labels"]
@@ -575,10 +577,13 @@ def _from_file(path: str, split_seed: int) -> Data:
         key = data_keys[0]
         a = _check_array(path, key, arrays[key])
         labels = _file_labels(path, arrays, {key: a})
-        arrs = [t.numpy() for t in _split(torch.from_numpy(np.ascontiguousarray(a)), split_seed)]
-        if labels is not None:
-            labels = dict(zip(("train", "valid", "test"), (t.numpy() for t in
-                                                          _split(torch.from_numpy(labels[key]), split_seed))))
+        x = torch.from_numpy(np.ascontiguousarray(a))
+        if labels is None:
+            arrs = [t.numpy() for t in _split(x, split_seed)]
+        else:
+            pieces, label_pieces = _split(x, split_seed, labels=torch.from_numpy(labels[key]))
+            arrs = [t.numpy() for t in pieces]
+            labels = dict(zip(("train", "valid", "test"), (t.numpy() for t in label_pieces)))
     label_args = {}
     if labels is not None:
         label_args = dict(labels=tuple(torch.from_numpy(np.ascontiguousarray(labels[k]))

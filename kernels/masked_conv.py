@@ -494,8 +494,8 @@ def _gemm_shapes(dtype: torch.dtype, narrow: bool) -> list[tuple[int, int, int, 
 def _gemm_configs(dtype: torch.dtype, m: str, n: str, k: str, narrow: Optional[bool] = None) -> list:
     """The autotune list of one kernel (tile names ``m, n, k``): the wide and the narrow shapes (None),
     or one of the two."""
-    shapes = [s for wide in (False, True) if narrow is None or narrow != wide for s in _gemm_shapes(dtype, not wide)]
-    shapes = list(dict.fromkeys(shapes))
+    kinds = (True, False) if narrow is None else (narrow,)
+    shapes = list(dict.fromkeys(s for kind in kinds for s in _gemm_shapes(dtype, kind)))
     return [triton.Config({m: bm, n: bn, k: bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
 
 
@@ -506,12 +506,13 @@ def _is_narrow(family: torch.dtype, C_in: int, C_out: int, precision: str) -> bo
 
 def _pruner(family: torch.dtype, names: tuple[str, str, str]):
     """``early_config_prune`` for ``triton.autotune``: the configs of the shapes a launch may take."""
+    def shape(c) -> tuple:
+        return (*(c.kwargs[name] for name in names), c.num_warps, c.num_stages)
+
     def prune(configs, named_args, **kwargs):
         narrow = _is_narrow(family, named_args["C_in"], named_args["C_out"], kwargs.get("PRECISION", "ieee"))
-        keep = {(c.kwargs[names[0]], c.kwargs[names[1]], c.kwargs[names[2]], c.num_warps, c.num_stages)
-                for c in _gemm_configs(family, *names, narrow=narrow)}
-        return [c for c in configs if (c.kwargs[names[0]], c.kwargs[names[1]], c.kwargs[names[2]], c.num_warps,
-                                       c.num_stages) in keep]
+        keep = set(_gemm_shapes(family, narrow))
+        return [c for c in configs if shape(c) in keep]
     return prune
 
 

@@ -127,16 +127,6 @@ def row_tile(rows: int, cols: int, max_tile: int = 4096, max_cols: int = 2048) -
     return block_rows, block_cols
 
 
-def warps_for(tile_elems: int) -> int:
-    """Warps per program for an elementwise tile of ``tile_elems`` (a power of two): 8 to 32 elements per
-    thread from 512 elements up (a 4096-element tile gets 4 warps, 32 elements each)."""
-    if tile_elems >= 8192:
-        return 8
-    if tile_elems >= 2048:
-        return 4
-    return 2 if tile_elems >= 512 else 1
-
-
 def refuse_double_backward(backward_op, op_name: str) -> None:
     """Register an autograd formula for ``backward_op`` (the custom op computing ``op_name``'s gradients)
     that raises a clear error when something differentiates through it: a gradient of a gradient

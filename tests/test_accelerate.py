@@ -260,7 +260,7 @@ def test_the_fused_ops_really_run(monkeypatch):
     calls.clear()
     with fastdensity.set_backend("reference"):
         model.log_prob(torch.randn(3, D))
-    # where the op would run its reference, the MADE's layers run nflows' own (cheaper) product
+    # where the op would run its reference, the MADE's layers run nflows' own product
     assert calls.count("affine_coupling") == 2 and calls.count("masked_linear") == 0
 
 

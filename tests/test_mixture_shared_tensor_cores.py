@@ -324,8 +324,7 @@ def modelled_forward(x, logits, means, log_scales, *, precision="tf32x3", rho=ks
     xb = _split_dot(x, bm.T, precision, truncate=truncate)
     q = _to_f32(_to_f32(p - 2 * xb) + cq)
     expanded = _to_f32(-0.5 * q + c)
-    direct = (torch.log_softmax(logits.float(), 0)
-              + ref.component_log_prob(x.float(), means.float(), log_scales.float(), "gaussian")).double()
+    direct = direct_scores((x, logits, means, log_scales))
     root = p.clamp(min=0).sqrt() + cq.sqrt()
     score = torch.empty_like(expanded)
     tiles = kept = 0

@@ -78,20 +78,12 @@ def evaluate_checkpoint(checkpoint: str, data: str | None = None, *, split: str 
     same = source == stored["source"] or (
         os.path.exists(source) and os.path.abspath(source) == os.path.abspath(stored["source"]))
     ds = fdata.load_data(source, split_seed=int(stored["split_seed"]) if same else 0)
-    training.check_data_matches(model, preprocess, ds)
+    conditional = bool(ckpt["config"].get("conditional"))
+    training.check_data_matches(model, preprocess, ds, conditional=conditional)
     x = {"test": ds.test, "valid": ds.valid, "train": ds.train}[split]
     if seed is None:
         seed = int(ckpt["config"]["seed"]) + training.EVAL_SEED_OFFSET[split]
-    labels = None
-    if ckpt["config"].get("conditional"):  # a model of p(x | label): scored given each example's label
-        labels = ds.split_labels(split)
-        classes = training.model_classes(model)
-        if labels is None:
-            raise ValueError(f"the checkpoint's {model.name} is class-conditional; {ds.name} has no labels to score "
-                             "it with")
-        if ds.num_classes > classes:
-            raise ValueError(f"the checkpoint's {model.name} knows {classes} classes; {ds.name} has labels up to "
-                             f"{ds.num_classes - 1}")
+    labels = ds.split_labels(split) if conditional else None  # p(x | label): scored given each example's label
     result = training.evaluate(model, x, ds, preprocess, device=dev, seed=seed, labels=labels)
     out = {"model": model.name, "data": ds.name, "split": split, "nll": result["nll"],
            "nll_stderr": result["nll_stderr"], "bits_per_dim": result["bits_per_dim"],

@@ -29,14 +29,13 @@ import torch
 
 from .. import nn as fnn
 from ..nn.autoregressive import AFFINE_SCALES, MaskedAffineAutoregressive
-from ..sampling import MADE_METHODS, sample_autoregressive
 from .base import check_shape, optional_context_features
-from .multiscale import FlowModel, GaussianPrior, MultiScaleFlow
+from .multiscale import GaussianPrior, MADEFlowModel, MultiScaleFlow
 
 __all__ = ["MaskedAffineAutoregressive", "MAF"]
 
 
-class MAF(FlowModel):
+class MAF(MADEFlowModel):
     """Masked autoregressive flow on vectors ``shape=[D]`` (or images, flattened).
 
     Args:
@@ -98,13 +97,3 @@ class MAF(FlowModel):
                 d, hidden, num_hidden, scale, ordering=order, context_features=context_features,
                 use_residual_blocks=bool(residual), dropout_probability=float(dropout)))
         self.flow = MultiScaleFlow([fnn.CompositeTransform(transforms)], [], GaussianPrior((d,)))
-
-    def sample(self, num_samples: int, context: torch.Tensor | None = None, temperature: float = 1.0, *,
-               method: str = MADE_METHODS[0]) -> torch.Tensor:
-        """Samples [n, D-shaped] ([len(context), n, ...] given a context, nflows' layout).
-
-        ``method``: ``"incremental"`` (default; each MADE unit computed once per transform, no autograd
-        graph) or ``"naive"`` (D MADE passes per transform, the reference, differentiable under the
-        caller's grad mode). From the same seed both return the same samples (float64 to ~1e-14; float32
-        to round-off)."""
-        return sample_autoregressive(self, method, lambda: FlowModel.sample(self, num_samples, context, temperature))

@@ -40,9 +40,8 @@ from torch import nn
 from .. import nn as fnn
 from ..nn.invertible_memory import check_memory, memory_option
 from ..reference.spline import DEFAULT_MIN_DERIVATIVE
-from ..sampling import MADE_METHODS, sample_autoregressive
 from .base import ContextMLP, at_least, check_shape, optional_context_features
-from .multiscale import FlowModel, GaussianPrior, MultiScaleFlow
+from .multiscale import GaussianPrior, MADEFlowModel, MultiScaleFlow
 from .realnvp import alternating_mask
 
 __all__ = ["NSF"]
@@ -79,7 +78,7 @@ def _conditioner(in_features: int, out_features: int, hidden: int, num_hidden: i
     return nn.Sequential(*layers, last) if context_features is None else ContextMLP(*layers, last)
 
 
-class NSF(FlowModel):
+class NSF(MADEFlowModel):
     """Neural spline flow on vectors ``shape=[D]`` (or images, flattened), coupling or autoregressive.
 
     Args:
@@ -170,13 +169,3 @@ class NSF(FlowModel):
                 _start_as_identity(layer.autoregressive_net.output_layer, num_bins)
                 transforms.append(layer)
         self.flow = MultiScaleFlow([fnn.CompositeTransform(transforms, memory=memory)], [], GaussianPrior((d,)))
-
-    def sample(self, num_samples: int, context: Optional[torch.Tensor] = None, temperature: float = 1.0, *,
-               method: str = MADE_METHODS[0]) -> torch.Tensor:
-        """Samples [n, *shape] ([len(context), n, *shape] given a context, nflows' layout).
-
-        ``method`` (autoregressive kind; the coupling kind inverts in one pass per layer either way):
-        ``"incremental"`` (default; each MADE unit computed once per layer, no autograd graph) or
-        ``"naive"`` (D MADE passes per layer, the reference, differentiable under the caller's grad
-        mode). From the same seed both return the same samples (float64 to ~1e-14; float32 to round-off)."""
-        return sample_autoregressive(self, method, lambda: FlowModel.sample(self, num_samples, context, temperature))

@@ -82,19 +82,13 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import Transform, uses_context, zero_logdet
+from .base import DEFAULT_ANCHOR_EVERY, Transform, uses_context, zero_logdet
 
 __all__ = ["MEMORY_MODES", "DEFAULT_ANCHOR_EVERY", "check_memory", "rebuild_problem", "call_problem",
            "drift", "drift_tolerance", "forward_by_inversion", "invertible_run", "memory_option", "set_memory"]
 
 MEMORY_MODES = ("store", "invert")
 
-#: Steps between saved outputs in an inverted run (CompositeTransform's default ``anchor_every``): each
-#: input is rebuilt through at most this many inverses. Measured in float32 (the module docstring's
-#: table): unanchored, the median gradient error of 96- and 192-transform stacks is 5 to 240x
-#: "store"'s; anchored every 12, the median equals store's. The cost is one saved tensor per 12 steps,
-#: against store's tens per step.
-DEFAULT_ANCHOR_EVERY = 12
 
 
 def check_memory(memory) -> str:
@@ -299,8 +293,9 @@ def drift(rebuilt: torch.Tensor, exact: torch.Tensor) -> float:
     """``max |rebuilt - exact| / max |exact|`` (inf when rebuilt is not finite; 0 for empty tensors)."""
     if exact.numel() == 0:
         return 0.0
-    err = (rebuilt.double() - exact.double()).abs().max()
-    value = (err / exact.double().abs().max().clamp(min=torch.finfo(torch.float64).tiny)).item()
+    exact = exact.double()
+    err = (rebuilt.double() - exact).abs().max()
+    value = (err / exact.abs().max().clamp(min=torch.finfo(torch.float64).tiny)).item()
     return value if value == value else float("inf")  # NaN (an inf - inf) counts as unbounded
 
 
@@ -353,7 +348,8 @@ def _walk_back(run: _Run, start: int, end: int, y, grad_y, grad_ld, context, nee
     k = end
     while k > start:
         first = k - 1
-        if _is_coupling(run.steps[first]):
+        coupling = _is_coupling(run.steps[first])
+        if coupling:
             group = [first]
         else:
             while (first > start and k - first < GROUP and isinstance(run.steps[first], _light_classes())
@@ -365,7 +361,7 @@ def _walk_back(run: _Run, start: int, end: int, y, grad_y, grad_ld, context, nee
         slots = list(dict.fromkeys(i for j in group for i in run.slots[j]))
         params = [run.params[i] for i in slots]
         need = need_x or first > start
-        if len(group) == 1 and _is_coupling(steps[0]):
+        if coupling:
             step_context = context if uses_context(steps[0]) else None
             y, grad_y, found = _step_coupling(steps[0], y, grad_y, grad_ld, step_context, params, need)
         else:

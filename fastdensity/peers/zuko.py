@@ -68,6 +68,11 @@ class _FusedUnivariate(Transform):
         return self._run(x, inverse=False)
 
 
+def monotonic_log_scale(scale: torch.Tensor, log_slope: float) -> torch.Tensor:
+    """zuko's soft-clipped log-scale of ``MonotonicAffineTransform``: ``scale / (1 + |scale / log(slope)|)``."""
+    return scale / (1 + (scale / log_slope).abs())
+
+
 class FusedMonotonicAffine(_FusedUnivariate):
     """zuko's ``DependentTransform(MonotonicAffineTransform(shift, scale), 1)`` on the fused op:
     ``y = x exp(log s) + shift`` with ``log s = scale / (1 + |scale / log(slope)|)``, the log-det summed
@@ -76,7 +81,7 @@ class FusedMonotonicAffine(_FusedUnivariate):
     def __init__(self, shift: torch.Tensor, scale: torch.Tensor, slope: float = 1e-3):
         super().__init__()
         self.shift = shift
-        self.log_scale = scale / (1 + abs(scale / math.log(slope)))
+        self.log_scale = monotonic_log_scale(scale, math.log(slope))
 
     def _run(self, x: torch.Tensor, inverse: bool):
         x, shift, log_scale = torch.broadcast_tensors(x, self.shift.to(x.dtype), self.log_scale.to(x.dtype))
@@ -176,7 +181,7 @@ class _FusedMeta:
 
             def solve_affine(d: int, p: torch.Tensor, out: torch.Tensor) -> None:
                 shift, scale = p[0], p[1]  # zuko's order: MonotonicAffineTransform(shift, scale)
-                torch.div(columns[d] - shift, torch.exp(scale / (1 + (scale / log_slope).abs())), out=out)
+                torch.div(columns[d] - shift, torch.exp(monotonic_log_scale(scale, log_slope)), out=out)
 
             return solve_affine
 

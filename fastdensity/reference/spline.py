@@ -163,7 +163,9 @@ def knots(widths, heights, derivatives, *, parameterization: str, bound: float,
         limit = abs(math.log(slope))
 
         def positions(raw):
-            cum = torch.cumsum(softmax(soft_clip(raw, limit / 2)), dim=-1)
+            # dense first: the soft clip's four elementwise passes each way run ~3x slower on a strided
+            # slice of a conditioner's output than the copy costs (measured)
+            cum = torch.cumsum(softmax(soft_clip(raw.contiguous(), limit / 2)), dim=-1)
             return bound * (2 * torch.cat([torch.zeros_like(cum[..., :1]), cum], dim=-1) - 1)
 
         xs, ys = positions(widths), positions(heights)
@@ -227,12 +229,9 @@ def rational_quadratic_spline(
     out_dtype, acc = x.dtype, acc_dtype(x.dtype)
     if upcast:
         x, widths, heights, derivatives = (t.double() for t in (x, widths, heights, derivatives))
-    # The parameters usually arrive as strided slices of one conditioner output, on which ATen's
-    # elementwise loops run ~3x slower than on dense tensors: zuko's soft clip (four passes each way)
-    # pays for a dense copy of the widths and heights; nflows' softmax does not (measured). The
-    # derivatives are made dense below, where softplus or the clip takes them.
-    if parameterization == "zuko":
-        widths, heights = widths.contiguous(), heights.contiguous()
+    # The parameters usually arrive as strided slices of one conditioner output: :func:`knots` makes
+    # dense copies where its elementwise passes pay for them (zuko's soft clip, the derivatives' softplus
+    # or clip), not for nflows' softmax (measured).
     xs, ys, ds = knots(widths, heights, derivatives, parameterization=parameterization, bound=bound,
                        min_bin_width=min_bin_width, min_bin_height=min_bin_height,
                        min_derivative=min_derivative, slope=slope)

@@ -2,7 +2,7 @@
 
 Runs in a process where ``TRITON_INTERPRET=1`` was set before fastdensity was imported (the kernels are
 then ``InterpretedFunction``s and backend "triton" accepts CPU tensors; ``python -m fastdensity.sm90
-record`` arranges it). Within :func:`dry_run`:
+record`` is refused otherwise; :mod:`.table` starts that process). Within :func:`dry_run`:
 
 * a launch ``kernel[grid](...)`` records its arguments and returns without running the kernel, so
   benchmark-sized problems cost only the host-side work (allocations, the launchers' decisions);
@@ -35,6 +35,8 @@ import pkgutil
 from typing import Callable, Iterator
 
 import torch
+
+from .table import data_dtype
 
 #: SMs of an H100 SXM (the GPU machine's H200 has the same 132); launchers size split grids from it.
 H100_SMS = 132
@@ -160,7 +162,7 @@ def dry_run(recorder: Recorder) -> Iterator[None]:
 
     if not utils.INTERPRETED:
         raise RuntimeError("the dry run needs the kernels interpreted: set TRITON_INTERPRET=1 before importing "
-                           "fastdensity (python -m fastdensity.sm90 record does)")
+                           "fastdensity (fastdensity.sm90.table records in such a process)")
 
     def record_run(self, *args, grid, warmup, **kwargs):
         recorder.add(self.fn, args, kwargs)
@@ -291,7 +293,7 @@ def _with_variants(records: dict[str, dict]) -> dict[str, dict]:
     for record in list(records.values()):
         module = importlib.import_module(record["module"])
         variants = getattr(module, "SM90_VARIANTS", {}).get(record["kernel"])
-        dtype = next((v[1] for v in record["args"].values() if v[0] == "ptr"), None)
+        dtype = data_dtype(record, None)
         if variants is None or (record["kernel"], dtype) in seen:
             continue
         seen.add((record["kernel"], dtype))
@@ -313,7 +315,7 @@ QUICK_SKIPPED_BENCH = ("models",)
 def _configuration(record: dict, *, tiles: bool) -> str:
     """Kernel, data dtype and constexprs (with ``tiles``: all, and the launch options; without: only the
     feature flags, leaving out tile sizes ``BLOCK_*`` / ``GROUP_*``)."""
-    dtype = next((v[1] for v in record["args"].values() if v[0] == "ptr"), None)
+    dtype = data_dtype(record, None)
     constexprs = {k: v for k, v in record["args"].items()
                   if v[0] in ("val", "dtype") and (tiles or not k.startswith(("BLOCK", "GROUP")))}
     return json.dumps([record["kernel"], dtype, constexprs, record["options"] if tiles else None], sort_keys=True)

@@ -147,9 +147,9 @@ def floor_of(module: str, kernel: str, dtype: str | None = None) -> tuple[float,
     return floors.get(f"{kernel}[{dtype}]") or floors.get(kernel, DEFAULT_FLOOR)
 
 
-def data_dtype(record: dict) -> str:
-    """The dtype of a launch's first pointer argument ("-" for none)."""
-    return next((v[1] for v in record["args"].values() if v[0] == "ptr"), "-")
+def data_dtype(record: dict, default: str | None = "-") -> str | None:
+    """The dtype of a launch's first pointer argument (``default`` for none)."""
+    return next((v[1] for v in record["args"].values() if v[0] == "ptr"), default)
 
 
 def problems(figures: dict, floor: float) -> list[str]:

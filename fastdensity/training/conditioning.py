@@ -31,15 +31,14 @@ def conditioning_option(cls) -> Optional[str]:
 
 
 def label_context(model, labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The context ``model`` takes for class ``labels`` [B] (None for None): the labels themselves for a
-    ``num_classes`` model, else their one-hot rows [B, K] in the dtype of the model's parameters."""
+    """The context ``model`` takes for class ``labels`` [B] (None for None), on the model's device: the
+    labels themselves for a ``num_classes`` model, else their one-hot rows [B, K] in the model's dtype."""
     if labels is None:
         return None
+    like = next(model.parameters())
     if getattr(model, "num_classes", None) is not None:
-        return labels.long()
-    k = model.context_features
-    dtype = next(model.parameters()).dtype
-    return F.one_hot(labels.long(), k).to(dtype)
+        return labels.to(device=like.device, dtype=torch.long)
+    return F.one_hot(labels.long(), model.context_features).to(device=like.device, dtype=like.dtype)
 
 
 def sample_labels(num_samples: int, num_classes: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from .. import data as fdata
 from ..models import DensityModel
-from .conditioning import label_context
+from .conditioning import label_context, model_classes
 from .distributed import World
 from .seeds import EVAL_NOISE, generator
 
@@ -57,12 +57,8 @@ def evaluate(model: DensityModel, x: torch.Tensor, data: fdata.Data, preprocess:
         a, b = max(lo - start, 0), min(hi - start, chunk.shape[0])
         if a >= b:
             continue
-        rows = y[a:b].to(device)
-        if labels is None:  # PixelCNN's and the mixture's log_prob take no context
-            log_prob = model.log_prob(rows)
-        else:
-            log_prob = model.log_prob(rows, label_context(model, labels[start + a:start + b]).to(device))
-        nll = -(log_prob + logdet[a:b].to(device)).double().cpu()
+        context = None if labels is None else label_context(model, labels[start + a:start + b])
+        nll = -(model(y[a:b].to(device), context) + logdet[a:b].to(device)).double().cpu()
         sums[0] += nll.numel()
         sums[1] += nll.sum()
         sums[2] += nll.pow(2).sum()
@@ -88,8 +84,10 @@ def evaluate(model: DensityModel, x: torch.Tensor, data: fdata.Data, preprocess:
     return out
 
 
-def check_data_matches(model: DensityModel, preprocess: fdata.Preprocess, data: fdata.Data) -> None:
-    """ValueError unless ``data`` is the kind of data ``model`` (with ``preprocess``) was trained on."""
+def check_data_matches(model: DensityModel, preprocess: fdata.Preprocess, data: fdata.Data,
+                       conditional: bool = False) -> None:
+    """ValueError unless ``data`` is the kind of data ``model`` (with ``preprocess``) was trained on; a
+    ``conditional`` model (trained with --conditional) also needs labels within its classes."""
     if tuple(data.shape) != tuple(model.shape):
         raise ValueError(f"the checkpoint's {model.name} models examples of shape {list(model.shape)}; "
                          f"{data.name} has shape {list(data.shape)}")
@@ -100,6 +98,14 @@ def check_data_matches(model: DensityModel, preprocess: fdata.Preprocess, data: 
     levels = model.config.get("levels") if model.discrete else getattr(preprocess, "levels", None)
     if levels is not None and data.levels != levels:
         raise ValueError(f"the checkpoint's {model.name} models {levels} levels; {data.name} has {data.levels}")
+    if conditional:
+        if data.labels is None:
+            raise ValueError(f"the checkpoint's {model.name} is class-conditional; {data.name} has no labels to "
+                             "score it with")
+        classes = model_classes(model)
+        if data.num_classes > classes:
+            raise ValueError(f"the checkpoint's {model.name} knows {classes} classes; {data.name} has labels up "
+                             f"to {data.num_classes - 1}")
 
 
 def nll_kind(model: DensityModel, data: fdata.Data) -> str:

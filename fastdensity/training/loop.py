@@ -71,9 +71,7 @@ class Objective(nn.Module):
         self.model = model
 
     def forward(self, y: torch.Tensor, logdet: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # only a conditional run passes a context: PixelCNN's and the mixture's log_prob take none
-        log_prob = self.model.log_prob(y) if context is None else self.model.log_prob(y, context)
-        return -(log_prob + logdet)
+        return -(self.model(y, context) + logdet)  # DensityModel.forward: log_prob, given the context if any
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, plots: bool = True) -> dict:
@@ -174,7 +172,7 @@ def _run(config: TrainConfig, ckpt: Optional[dict], data: fdata.Data, model_args
             set_learning_rate(optimizer, lr)
             y, logdet, labels = training_batch(data, preprocess, batches, step, labels=config.conditional)
             y, logdet = y[shard].to(device), logdet[shard].to(device)
-            context = None if labels is None else label_context(model, labels[shard]).to(device)
+            context = None if labels is None else label_context(model, labels[shard])
 
             loss = objective(y, logdet, context).mean()
             optimizer.zero_grad(set_to_none=True)

@@ -50,8 +50,7 @@ def initial_model(config: TrainConfig, data: fdata.Data, model_args: dict, devic
         index = index[:max(config.batch_size, 1024)]
         y0, _ = preprocess.encode(data.train[index], generator(config.seed, INIT_NOISE))
         if config.conditional:
-            context = label_context(model, data.split_labels("train")[index])
-            model.initialize(y0.to(device), context.to(device))
+            model.initialize(y0.to(device), label_context(model, data.split_labels("train")[index]))
         else:
             model.initialize(y0.to(device))
     return model.train(), preprocess

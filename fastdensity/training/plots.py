@@ -32,15 +32,13 @@ def draw_samples(model: DensityModel, preprocess: fdata.Preprocess, n: int, batc
     takes ``labels`` [n]: sample i is drawn given class ``labels[i]``."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     parts = []
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
         if labels is None:
             drawn = model.sample(size)
         else:  # one sample per label: [size, 1, *shape] -> [size, *shape]
-            context = label_context(model, labels[start:start + size]).to(device)
-            drawn = model.sample(1, context=context).squeeze(1)
+            drawn = model.sample(1, context=label_context(model, labels[start:start + size])).squeeze(1)
         parts.append(preprocess.decode(drawn).cpu())
     model.train(was_training)
     return torch.cat(parts) if parts else torch.empty(0)
